@@ -1,0 +1,107 @@
+"""How jobs get run: the executor interface and the local multi-process executor.
+
+The driver hands an executor a list of jobs (largest first) and a callback; the executor runs them on
+workers that each hold one long-lived `JobRunner` (the K+1 checkpoints stay mmapped across jobs) and
+calls back in the driver as each job finishes, so the driver can record it in the ledger at once.
+`cluster.ray_executor.RayExecutor` implements the same interface on a Ray cluster.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from abc import ABC, abstractmethod
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Callable, Sequence
+
+from .job import Job, JobError, JobRunner, RunContext
+
+OnResult = Callable[[Job, dict], None]
+
+
+class WorkerLost(RuntimeError):
+    """A worker process died (SIGKILL, out-of-memory kill) while running a job."""
+
+
+class Executor(ABC):
+    """Runs jobs somewhere and reports each result back to the driver, in completion order."""
+
+    @abstractmethod
+    def run(self, ctx: RunContext, jobs: Sequence[Job], on_result: OnResult) -> None:
+        """Run every job; raise JobError (application error) or WorkerLost after stopping the rest."""
+
+    def close(self) -> None:
+        """Release workers; safe to call twice."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# One runner per worker process, built by the pool initializer and reused for every job.
+_RUNNER: JobRunner | None = None
+
+
+def _init_worker(ctx: RunContext) -> None:
+    global _RUNNER
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _RUNNER = JobRunner(ctx)
+
+
+def _run_job(job: Job) -> dict:
+    assert _RUNNER is not None
+    return _RUNNER.run(job)
+
+
+class LocalExecutor(Executor):
+    """N worker processes on this machine, one torch thread each, a bounded window of jobs in flight.
+
+    The pool is created per `run` call because the context (for example model-scope statistics) can
+    change between phases; starting workers costs about a second, once per phase.
+    """
+
+    def __init__(self, workers: int = 2, window: int | None = None):
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.workers = workers
+        self.window = window or 2 * workers
+
+    def run(self, ctx: RunContext, jobs: Sequence[Job], on_result: OnResult) -> None:
+        if not jobs:
+            return
+        todo = list(jobs)
+        # spawn: a fresh interpreter per worker, no inherited torch thread pools or locks.
+        pool = ProcessPoolExecutor(
+            max_workers=min(self.workers, len(todo)),
+            mp_context=mp.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(ctx,),
+        )
+        in_flight: dict[Future, Job] = {}
+        try:
+            while todo or in_flight:
+                while todo and len(in_flight) < self.window:
+                    job = todo.pop(0)
+                    in_flight[pool.submit(_run_job, job)] = job
+                done, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
+                for fut in done:
+                    job = in_flight.pop(fut)
+                    try:
+                        result = fut.result()
+                    except BrokenProcessPool as e:
+                        raise WorkerLost(
+                            f"a worker process died while running {job.describe()} "
+                            "(killed, or out of memory: try a smaller memory_budget or fewer workers); "
+                            "re-run the same command to resume"
+                        ) from e
+                    except JobError:
+                        raise
+                    except Exception as e:  # an error inside a worker that is not a JobError
+                        raise JobError(f"{job.describe()}: {type(e).__name__}: {e}") from e
+                    on_result(job, result)
+        finally:
+            for fut in in_flight:
+                fut.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,117 @@
+"""`tadrop export`: one task's model as a Hugging Face checkpoint, streamed in row chunks.
+
+EMR: theta_0 + lambda_k * M_k * tau_uni; TALL masks: theta_0 + m_k * tau_MTL. Single-model methods
+copy `merged/`. The checkpoint is written beside its destination and renamed into place when whole.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from tadrop import methods
+
+from .checkpoints import Checkpoint
+from .config import MergeConfig
+from .job import TORCH_DTYPES
+from .plan import MERGED_METHODS
+from .writers import MaskStore, ShardWriter, create_shard_files, fsync_dir, plan_shards, write_index
+
+CHUNK_BYTES = 64 << 20  # float32 bytes per streamed piece of one tensor
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def _load_run(run_dir: Path) -> tuple[dict, MergeConfig]:
+    try:
+        record = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{run_dir} is not a tadrop run (run.json: {e})") from None
+    if not record.get("complete"):
+        raise ExportError(f"run {run_dir} is not complete: finish it first (re-run `tadrop merge`)")
+    return record, MergeConfig.model_validate(record["config"])
+
+
+def export_task(run_dir: Path, task: str, output: Path, shard_size: int | None = None) -> Path:
+    run_dir, output = Path(run_dir), Path(output)
+    record, cfg = _load_run(run_dir)
+    names = [m.name for m in cfg.models]
+    if task not in names:
+        raise ExportError(f"task {task!r} is not in run {run_dir}; tasks: {', '.join(names)}")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise ExportError(f"export output {output} exists and is not empty")
+    out_abs = output.resolve()
+    for p in [cfg.base, *[m.path for m in cfg.models], run_dir]:
+        if out_abs == Path(p).resolve():
+            raise ExportError(f"export output {output} is an input or the run directory")
+
+    tmp = output.parent / f".{output.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    if cfg.method in MERGED_METHODS:
+        shutil.copytree(run_dir / "merged", tmp)
+    else:
+        _write_task_model(run_dir, cfg, names.index(task), tmp, shard_size or int(cfg.shard_size))
+    if output.exists():
+        output.rmdir()
+    tmp.rename(output)
+    fsync_dir(output.parent)
+    return output
+
+
+def _write_task_model(run_dir: Path, cfg: MergeConfig, k: int, tmp: Path, shard_size: int) -> None:
+    base = Checkpoint.open(cfg.base, "base")
+    unified = Checkpoint.open(run_dir / "unified", "unified")
+    store = MaskStore.open(run_dir / "masks.zarr")
+    attrs = store.attrs
+    if cfg.method == "emr":
+        scale = float(attrs["emr_lambdas"][cfg.models[k].name])
+    else:  # tall_masks: theta_0 + m_k * tau_MTL
+        scale = 1.0
+
+    entries = []
+    for name, info in base.tensors.items():
+        dtype = info.dtype
+        if name in unified.tensors and cfg.output_dtype:
+            dtype = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[cfg.output_dtype]
+        entries.append((name, dtype, tuple(info.shape)))
+    plan = plan_shards(entries, shard_size)
+    create_shard_files(plan, tmp)
+    writer = ShardWriter(plan, tmp)
+    try:
+        for name, dtype, shape in entries:
+            if name not in unified.tensors:  # copied from the base unchanged
+                writer.write(name, base.view(name).contiguous())
+                continue
+            rows = shape[0] if shape else 1
+            row_numel = max(1, int(torch.Size(shape[1:]).numel())) if len(shape) > 1 else 1
+            step = max(1, CHUNK_BYTES // (4 * row_numel))
+            out_dtype = TORCH_DTYPES[dtype]
+            for r0 in range(0, rows, step):
+                r1 = min(rows, r0 + step)
+                theta0 = _rows(base, name, shape, r0, r1).float()
+                vec = _rows(unified, name, shape, r0, r1).float()
+                mask = torch.from_numpy(store.read(name, k, r0, r1)).reshape(vec.shape)
+                theta = methods.emr_task_model(theta0, vec, mask, scale)
+                writer.write(name, theta.to(out_dtype).reshape((r1 - r0, *shape[1:]) if shape else ())
+                             .contiguous(), row_start=r0)
+            base.release(name)
+            unified.release(name)
+        writer.sync()
+    finally:
+        writer.close()
+    write_index(plan, tmp)
+    for f in base.non_weight_files():
+        shutil.copy2(f, tmp / f.name)
+    fsync_dir(tmp)
+
+
+def _rows(ckpt: Checkpoint, name: str, shape: tuple, r0: int, r1: int) -> torch.Tensor:
+    if not shape:
+        return ckpt.view(name).reshape(1)
+    return ckpt.view(name, r0, r1)

@@ -1,0 +1,243 @@
+"""The unit of work: one tensor. A `JobRunner` lives in a worker and runs jobs against mmapped inputs.
+
+Every job writes its own outputs (its byte range of the shard files, its own Zarr chunks, its own
+statistics file), makes them durable, and only then returns a small JSON-able dict to the driver,
+which records it in the ledger. Re-running a job rewrites the same bytes, so a job killed halfway is
+simply run again on resume.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tadrop import AbsSelector, MergeSpec, NonFiniteError, TensorPlan
+from tadrop import streamed
+
+from .checkpoints import Checkpoint
+from .writers import MaskStore, ShardPlan, ShardWriter, atomic_write_bytes
+
+TORCH_DTYPES = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+}
+
+
+class JobError(RuntimeError):
+    """An application error in a job (bad tensor, NaN, I/O failure): fails the run, names the tensor."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One tensor's work in one phase. `id` is stable across runs: it keys the ledger."""
+
+    kind: str          # 'global_hi' | 'global_lo' | 'merge' | 'copy'
+    tensor: str
+    nbytes: int        # input bytes read (for progress and scheduling)
+
+    @property
+    def id(self) -> str:
+        return f"{self.kind}:{self.tensor}"
+
+    def describe(self) -> str:
+        return f"job {self.kind} of tensor '{self.tensor}'"
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Everything a worker needs, pickled once per worker."""
+
+    state_dir: Path
+    base: Checkpoint
+    models: tuple[Checkpoint, ...]
+    spec: MergeSpec
+    tensor_plans: dict[str, TensorPlan]
+    merged_plan: ShardPlan | None          # None when the method writes no merged/
+    unified_plan: ShardPlan | None
+    merged_dtypes: dict[str, str] = field(default_factory=dict)   # tensor -> output dtype name
+    unified_dtype: str = "float32"
+    write_masks: bool = False
+    device: str = "cpu"
+    torch_threads: int = 1
+    global_file: Path | None = None        # model scope: selectors or per-task global values
+
+    @property
+    def merged_dir(self) -> Path:
+        return self.state_dir / "merged.partial"
+
+    @property
+    def unified_dir(self) -> Path:
+        return self.state_dir / "unified.partial"
+
+    @property
+    def masks_path(self) -> Path:
+        return self.state_dir / "masks.zarr.partial"
+
+    @property
+    def global_dir(self) -> Path:
+        return self.state_dir / "global"
+
+
+class _Source:
+    """A tensor of the K+1 checkpoints as row ranges of read-only mmap views (never written)."""
+
+    def __init__(self, base: Checkpoint, models: tuple[Checkpoint, ...], name: str):
+        self._base, self._models, self._name = base, models, name
+        info = base.tensors[name]
+        self.shape = tuple(info.shape)
+        self.rows = self.shape[0] if self.shape else 1
+        self.row_numel = int(np.prod(self.shape[1:])) if len(self.shape) > 1 else 1
+
+    def _view(self, ckpt: Checkpoint, r0: int, r1: int) -> torch.Tensor:
+        if not self.shape:  # a 0-d tensor is one row of one element
+            return ckpt.view(self._name).reshape(1)
+        return ckpt.view(self._name, r0, r1)
+
+    def base(self, r0: int, r1: int) -> torch.Tensor:
+        return self._view(self._base, r0, r1)
+
+    def task(self, k: int, r0: int, r1: int) -> torch.Tensor:
+        return self._view(self._models[k], r0, r1)
+
+
+class _Sink:
+    """Casts float32 rows once to the output dtype and writes them in place into the shard files."""
+
+    def __init__(self, runner: "JobRunner", name: str):
+        self._r, self._name = runner, name
+
+    def _write(self, writer: ShardWriter, dtype: torch.dtype, r0: int, rows: torch.Tensor) -> None:
+        out = rows.to(device="cpu", dtype=dtype).contiguous()
+        writer.write(self._name, out, row_start=r0)
+
+    def merged(self, r0: int, r1: int, theta: torch.Tensor) -> None:
+        dtype = TORCH_DTYPES[self._r.ctx.merged_dtypes[self._name]]
+        self._write(self._r.merged_writer, dtype, r0, theta)
+
+    def unified(self, r0: int, r1: int, vec: torch.Tensor) -> None:
+        self._write(self._r.unified_writer, TORCH_DTYPES[self._r.ctx.unified_dtype], r0, vec)
+
+    def masks(self, r0: int, r1: int, masks: torch.Tensor) -> None:
+        self._r.mask_store.write(self._name, r0, masks.to("cpu").numpy())
+
+
+class JobRunner:
+    """Built once per worker process; opens outputs lazily and keeps the inputs mmapped."""
+
+    def __init__(self, ctx: RunContext):
+        torch.set_num_threads(ctx.torch_threads)
+        self.ctx = ctx
+        self.merged_writer = ShardWriter(ctx.merged_plan, ctx.merged_dir) if ctx.merged_plan else None
+        self.unified_writer = ShardWriter(ctx.unified_plan, ctx.unified_dir) if ctx.unified_plan else None
+        self.mask_store = MaskStore.open(ctx.masks_path) if ctx.write_masks else None
+        self._global = None
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _source(self, name: str) -> _Source:
+        return _Source(self.ctx.base, self.ctx.models, name)
+
+    def _global_state(self):
+        if self._global is None:
+            with np.load(self.ctx.global_file, allow_pickle=False) as z:
+                self._global = {k: z[k] for k in z.files}
+        return self._global
+
+    def _selectors(self) -> list[AbsSelector]:
+        g = self._global_state()
+        k = len(self.ctx.models)
+        return [AbsSelector.from_numpy({key.split("/", 1)[1]: g[key] for key in g if key.startswith(f"{i}/")})
+                for i in range(k)]
+
+    def _release(self, name: str) -> None:
+        """Drop the tensor's pages from this process's mappings so RSS stays bounded (page cache keeps them)."""
+        for ckpt in (self.ctx.base, *self.ctx.models):
+            ckpt.release(name)
+
+    # -- jobs --------------------------------------------------------------------------------------
+    def run(self, job: Job) -> dict:
+        try:
+            if job.kind == "merge":
+                return self._merge(job.tensor)
+            if job.kind == "copy":
+                return self._copy(job.tensor)
+            if job.kind == "global_hi":
+                return self._global_hi(job.tensor)
+            if job.kind == "global_lo":
+                return self._global_lo(job.tensor)
+            raise JobError(f"unknown job kind {job.kind!r}")
+        except JobError:
+            raise
+        except NonFiniteError as e:
+            raise JobError(f"tensor '{job.tensor}': {e}") from None
+        except OSError as e:
+            raise JobError(f"tensor '{job.tensor}': I/O error: {e}") from None
+        except Exception as e:
+            raise JobError(f"tensor '{job.tensor}': {type(e).__name__}: {e}") from e
+        finally:
+            self._release(job.tensor)
+
+    def _merge(self, name: str) -> dict:
+        ctx = self.ctx
+        global_values = None
+        if ctx.global_file is not None:
+            g = self._global_state()
+            global_values = [float(v) for v in g["values"]]
+        result = streamed.merge_tensor(
+            ctx.spec, name, self._source(name), _Sink(self, name), ctx.tensor_plans[name],
+            global_values=global_values, device=ctx.device,
+        )
+        self._sync()
+        return result.to_dict()
+
+    def _copy(self, name: str) -> dict:
+        """Integer/bool/passthrough tensors: the base bytes, unchanged, into the merged shards."""
+        view = self.ctx.base.view(name)
+        self.merged_writer.write(name, view.contiguous())
+        self._sync()
+        return {"copied": name}
+
+    def _global_hi(self, name: str) -> dict:
+        sels = streamed.global_pass_hi(self.ctx.spec, name, self._source(name), self.ctx.tensor_plans[name])
+        return {"file": self._save_selectors(name, "hi", sels)}
+
+    def _global_lo(self, name: str) -> dict:
+        sels = streamed.global_pass_lo(self.ctx.spec, name, self._source(name), self.ctx.tensor_plans[name],
+                                       self._selectors())
+        return {"file": self._save_selectors(name, "lo", sels)}
+
+    def _save_selectors(self, name: str, phase: str, sels: list[AbsSelector]) -> str:
+        arrays = {}
+        for i, s in enumerate(sels):
+            for key, arr in s.to_numpy().items():
+                arrays[f"{i}/{key}"] = arr
+        path = self.ctx.global_dir / phase / f"{_safe(name)}.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        import io
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        atomic_write_bytes(path, buf.getvalue())
+        return str(path.relative_to(self.ctx.state_dir))
+
+    def _sync(self) -> None:
+        for w in (self.merged_writer, self.unified_writer):
+            if w is not None:
+                w.sync()
+
+
+def _safe(name: str) -> str:
+    """A tensor name as a file name (names hold dots, never slashes in practice; be safe anyway)."""
+    return name.replace("/", "%2F")
+
+
+def load_selectors(path: Path, k: int) -> list[AbsSelector]:
+    """Read a per-tensor selector file written by a global job."""
+    with np.load(path, allow_pickle=False) as z:
+        g = {key: z[key] for key in z.files}
+    return [AbsSelector.from_numpy({key.split("/", 1)[1]: g[key] for key in g if key.startswith(f"{i}/")})
+            for i in range(k)]
+
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")

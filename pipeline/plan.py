@@ -1,0 +1,182 @@
+"""From a validated config and the input headers to the list of jobs, the shard layouts and the chunking.
+
+Only headers are read here. Everything the output bytes depend on is decided in the plan (chunking
+from the memory budget, shard layout from shard_size), never by the executor, so any executor and any
+number of workers produce the same bytes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tadrop import DARE, Identity, MergeSpec, TADrop, TopK, TensorPlan
+from tadrop import streamed
+
+from .checkpoints import Checkpoint, InputTable
+from .config import MergeConfig
+from .job import Job
+from .writers import ShardPlan, plan_shards
+
+_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+_DTYPE_CODES = {v: k for k, v in _DTYPE_NAMES.items()}
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+
+MERGED_METHODS = {"task_arithmetic", "ties", "consensus"}
+UNIFIED_METHODS = {"emr", "tall_masks"}
+MASK_METHODS = {"emr", "tall_masks", "consensus"}
+
+
+class PlanError(ValueError):
+    """The inputs cannot be merged under this config (for example a row larger than the budget)."""
+
+
+def build_spec(cfg: MergeConfig) -> MergeSpec:
+    """The maths layer's view of the config."""
+    s = cfg.sparsify
+    if s.kind == "none":
+        phi = Identity()
+    elif s.kind == "tadrop":
+        phi = TADrop(a=s.a, b=s.b, eps=s.eps, rescale=s.rescale, scope=s.scope)
+    elif s.kind == "topk":
+        phi = TopK(density=s.density, scope=s.scope)
+    elif s.kind == "dare":
+        phi = DARE(p=s.p, seed=cfg.seed)
+    else:  # config validation makes this unreachable
+        raise PlanError(f"unknown sparsify kind {s.kind!r}")
+    names = tuple(m.name for m in cfg.models)
+    return MergeSpec(
+        method=cfg.method,
+        sparsifier=phi,
+        task_names=names,
+        weights=tuple(float(m.weight) for m in cfg.models),
+        lam=float(cfg.lam),
+        emr_rescaler=cfg.emr.rescaler,
+        tall_lambdas=tuple(float(cfg.tall.lambdas.get(n, cfg.tall.default_lambda)) for n in names),
+        tall_inner=cfg.tall.inner,
+        consensus_k_min=int(cfg.consensus.k_min),
+        consensus_alpha=float(cfg.consensus.alpha),
+        consensus_inner=cfg.consensus.inner,
+        seed=int(cfg.seed),
+    )
+
+
+@dataclass
+class Plan:
+    spec: MergeSpec
+    merge: list[str]                       # tensors merged
+    copy: list[str]                        # tensors copied from the base (only when merged/ is written)
+    tensor_plans: dict[str, TensorPlan]
+    merged_plan: ShardPlan | None
+    unified_plan: ShardPlan | None
+    merged_dtypes: dict[str, str]
+    write_masks: bool
+    model_scope: bool
+    shapes: dict[str, tuple[int, ...]]
+    jobs: dict[str, list[Job]] = field(default_factory=dict)   # phase -> jobs, largest first
+
+    @property
+    def all_jobs(self) -> list[Job]:
+        return [j for phase in ("global_hi", "global_lo", "merge") for j in self.jobs.get(phase, [])]
+
+    def summary(self) -> dict:
+        jobs = self.all_jobs
+        chunked = [n for n, p in self.tensor_plans.items() if p.chunk_rows < (self.shapes[n] or (1,))[0]]
+        return {
+            "tensors_merged": len(self.merge),
+            "tensors_copied": len(self.copy),
+            "jobs": len(jobs),
+            "jobs_by_phase": {k: len(v) for k, v in self.jobs.items()},
+            "input_bytes": sum(j.nbytes for j in jobs),
+            "chunked_tensors": len(chunked),
+            "max_est_bytes_per_worker": max((p.est_bytes for p in self.tensor_plans.values()), default=0),
+            "merged_shards": len(self.merged_plan.files) if self.merged_plan else 0,
+            "unified_shards": len(self.unified_plan.files) if self.unified_plan else 0,
+        }
+
+
+def make_plan(cfg: MergeConfig, base: Checkpoint, models: list[Checkpoint], table: InputTable) -> Plan:
+    spec = build_spec(cfg)
+    k = len(models)
+    budget = int(cfg.memory_budget)
+    method = cfg.method
+    tensor_plans: dict[str, TensorPlan] = {}
+    for name in table.merge:
+        shape = tuple(base.tensors[name].shape) or (1,)
+        try:
+            tensor_plans[name] = streamed.plan_tensor(spec, shape, k, budget)
+        except ValueError as e:
+            raise PlanError(f"tensor '{name}' {list(shape)}: {e}") from None
+
+    merged_dtypes: dict[str, str] = {}
+    for name in table.merge:
+        merged_dtypes[name] = cfg.output_dtype or _DTYPE_NAMES[base.tensors[name].dtype]
+
+    merged_plan = unified_plan = None
+    copy = list(table.copy) if method in MERGED_METHODS else []
+    if method in MERGED_METHODS:
+        entries = []
+        for name in sorted([*table.merge, *copy]):
+            info = base.tensors[name]
+            dtype = _DTYPE_CODES[merged_dtypes[name]] if name in merged_dtypes else info.dtype
+            entries.append((name, dtype, tuple(info.shape)))
+        merged_plan = plan_shards(entries, int(cfg.shard_size))
+    if method in UNIFIED_METHODS:
+        code = _DTYPE_CODES[cfg.unified_dtype]
+        entries = [(n, code, tuple(base.tensors[n].shape)) for n in sorted(table.merge)]
+        unified_plan = plan_shards(entries, int(cfg.shard_size))
+
+    model_scope = getattr(spec.sparsifier, "scope", "tensor") == "model" and spec.sparsifier.needs_fit
+    plan = Plan(
+        spec=spec, merge=list(table.merge), copy=copy, tensor_plans=tensor_plans,
+        merged_plan=merged_plan, unified_plan=unified_plan, merged_dtypes=merged_dtypes,
+        write_masks=method in MASK_METHODS, model_scope=model_scope,
+        shapes={n: tuple(base.tensors[n].shape) for n in table.merge},
+    )
+
+    def input_bytes(name: str) -> int:
+        return base.tensors[name].nbytes + sum(m.tensors[name].nbytes for m in models)
+
+    merge_jobs = [Job("merge", n, input_bytes(n)) for n in table.merge]
+    merge_jobs += [Job("copy", n, base.tensors[n].nbytes) for n in copy]
+    # Largest first: the long poles start early and small tensors fill the gaps at the end.
+    plan.jobs["merge"] = sorted(merge_jobs, key=lambda j: (-j.nbytes, j.tensor))
+    if model_scope:
+        hi = [Job("global_hi", n, input_bytes(n)) for n in table.merge]
+        plan.jobs["global_hi"] = sorted(hi, key=lambda j: (-j.nbytes, j.tensor))
+        plan.jobs["global_lo"] = [Job("global_lo", j.tensor, j.nbytes) for j in plan.jobs["global_hi"]]
+    return plan
+
+
+def describe(plan: Plan, base: Checkpoint) -> str:
+    """The human-readable plan printed by --dry-run."""
+    s = plan.summary()
+    lines = [
+        f"method: {plan.spec.method}   sparsifier: {plan.spec.sparsifier}",
+        f"tasks ({len(plan.spec.task_names)}): {', '.join(plan.spec.task_names)}",
+        f"tensors: {s['tensors_merged']} merged, {s['tensors_copied']} copied from the base",
+        f"jobs: {s['jobs']} ({', '.join(f'{k} {v}' for k, v in s['jobs_by_phase'].items())})",
+        f"input bytes read: {_gb(s['input_bytes'])}",
+        f"row-chunked tensors (inputs larger than the memory budget): {s['chunked_tensors']}",
+        f"estimated peak memory per worker: {_gb(s['max_est_bytes_per_worker'])}",
+        f"outputs: merged/ {s['merged_shards']} shard(s), unified/ {s['unified_shards']} shard(s), "
+        f"masks.zarr: {'yes' if plan.write_masks else 'no'}",
+        "",
+        f"{'tensor':60s} {'shape':>18s} {'bytes in':>10s} {'chunk rows':>10s} {'est. mem':>10s}",
+    ]
+    for job in plan.jobs["merge"]:
+        if job.kind != "merge":
+            continue
+        tp = plan.tensor_plans[job.tensor]
+        shape = "x".join(map(str, base.tensors[job.tensor].shape)) or "scalar"
+        lines.append(f"{job.tensor[:60]:60s} {shape:>18s} {_gb(job.nbytes):>10s} "
+                     f"{tp.chunk_rows:>10d} {_gb(tp.est_bytes):>10s}")
+    return "\n".join(lines)
+
+
+def _gb(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
