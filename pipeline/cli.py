@@ -58,9 +58,9 @@ def _merge(args) -> int:
         "output": args.output, "executor": args.executor, "workers": args.workers,
         "memory_budget": args.memory_budget,
     }.items() if v is not None}
-    if args.ray_address:
-        overrides["ray_address"] = args.ray_address
     cfg = load_config(args.config, overrides)
+    if args.ray_address:
+        cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"address": args.ray_address})})
     merge(cfg, dry_run=args.dry_run, quiet=args.quiet)
     return 0
 

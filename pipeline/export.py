@@ -34,7 +34,7 @@ def _load_run(run_dir: Path) -> tuple[dict, MergeConfig]:
         raise ExportError(f"{run_dir} is not a tadrop run (run.json: {e})") from None
     if not record.get("complete"):
         raise ExportError(f"run {run_dir} is not complete: finish it first (re-run `tadrop merge`)")
-    return record, MergeConfig.model_validate(record["config"])
+    return record, MergeConfig.from_json(record["config"])
 
 
 def export_task(run_dir: Path, task: str, output: Path, shard_size: int | None = None) -> Path:
