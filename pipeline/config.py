@@ -1,0 +1,386 @@
+"""The YAML merge config: a strict pydantic model.
+
+Strict because a typo in a merge config silently changes the merged weights:
+every unknown key or bad value is refused with its key path and what is allowed.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import typing
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError,
+                      field_validator, model_validator)
+
+METHODS = ("task_arithmetic", "ties", "emr", "tall_masks", "consensus")
+DEFAULT_LAMBDA = {"task_arithmetic": 0.3, "ties": 1.0}
+OVERRIDE_KEYS = ("output", "workers", "memory_budget", "executor")
+# Keys that do not change the output bytes (left out of identity()).
+NON_IDENTITY_KEYS = ("output", "workers", "executor", "ray", "device")
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
+_TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and key path."""
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes from an int or a string like '5GB', '500MB', '2GiB' (SI and IEC units)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size like 5GB or 2GiB, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"size must be >= 0, got {value}")
+        return value
+    if isinstance(value, float) and value.is_integer() and value >= 0:
+        return int(value)
+    if not isinstance(value, str):
+        raise ValueError(f"expected a size like 5GB or 2GiB, got {value!r}")
+    m = _SIZE_RE.match(value)
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _SIZE_UNITS:
+        raise ValueError(
+            f"cannot parse size {value!r}: expected a number with an optional unit, "
+            "one of B, KB, MB, GB, TB (powers of 1000), KiB, MiB, GiB, TiB (powers of 1024)")
+    try:
+        return int(Decimal(m.group(1)) * _SIZE_UNITS[unit])
+    except InvalidOperation as e:  # pragma: no cover - the regex admits only decimals
+        raise ValueError(f"cannot parse size {value!r}") from e
+
+
+Size = Annotated[int, Field(gt=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ModelEntry(_Strict):
+    name: str
+    path: Path
+    weight: float = 1.0
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _TASK_NAME_RE.match(v):
+            raise ValueError(f"task name {v!r} must match {_TASK_NAME_RE.pattern} "
+                             "(letters, digits, '_', '.', '-'; used in file names)")
+        return v
+
+    @field_validator("weight")
+    @classmethod
+    def _weight(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("weight must be finite")
+        return v
+
+
+class SparsifyNone(_Strict):
+    kind: Literal["none"]
+
+
+class SparsifyTADrop(_Strict):
+    kind: Literal["tadrop"]
+    a: float = Field(0.5, ge=0.0, le=1.0)
+    b: float = Field(0.95, ge=0.0, le=1.0)
+    eps: float = Field(1e-12, ge=0.0)
+    rescale: Literal["norm", "none", "inverse_keep"] = "norm"
+    scope: Literal["tensor", "model"] = "tensor"
+
+
+class SparsifyTopK(_Strict):
+    kind: Literal["topk"]
+    density: float = Field(0.2, gt=0.0, le=1.0)
+    scope: Literal["tensor", "model"] = "tensor"
+
+
+class SparsifyDARE(_Strict):
+    kind: Literal["dare"]
+    p: float = Field(ge=0.0, lt=1.0)
+
+
+Sparsify = Annotated[Union[SparsifyNone, SparsifyTADrop, SparsifyTopK, SparsifyDARE],
+                     Field(discriminator="kind")]
+SPARSIFY_KINDS = {"none": SparsifyNone, "tadrop": SparsifyTADrop,
+                  "topk": SparsifyTopK, "dare": SparsifyDARE}
+
+
+class EMRConfig(_Strict):
+    rescaler: Literal["official", "global"] = "official"
+
+
+class TallConfig(_Strict):
+    lambdas: dict[str, Annotated[float, Field(ge=0.0)]] = Field(default_factory=dict)
+    default_lambda: float = Field(0.4, ge=0.0)
+    inner: Literal["task_arithmetic", "ties"] = "task_arithmetic"
+
+
+class ConsensusConfig(_Strict):
+    k_min: int = Field(2, ge=1)
+    alpha: float = 0.3
+    inner: Literal["task_arithmetic", "ties"] = "task_arithmetic"
+
+
+class RayConfig(_Strict):
+    address: str | None = None
+    actors: int | None = Field(None, ge=1)
+    num_cpus_per_actor: float = Field(1, gt=0)
+    num_gpus_per_actor: float = Field(0, ge=0)
+
+
+class MergeConfig(_Strict):
+    """A validated merge config; paths are absolute, `lam` has the method default."""
+
+    base: Path
+    models: list[ModelEntry]
+    method: Literal["task_arithmetic", "ties", "emr", "tall_masks", "consensus"]
+    sparsify: Sparsify
+    lam: float | None = Field(None, alias="lambda")
+    emr: EMRConfig = Field(default_factory=EMRConfig)
+    tall: TallConfig = Field(default_factory=TallConfig)
+    consensus: ConsensusConfig = Field(default_factory=ConsensusConfig)
+    passthrough: list[str] = Field(default_factory=list)
+    output: Path
+    output_dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    unified_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    shard_size: Size = 5 * 10**9
+    seed: int = Field(0, ge=0)
+    memory_budget: Size = 2 * 2**30
+    workers: int = Field(1, ge=1)
+    executor: Literal["local", "ray"] = "local"
+    device: Literal["cpu", "cuda"] = "cpu"
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        """Method-dependent defaults: the sparsifier (TIES trims) and lambda."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        method = data.get("method")
+        if data.get("sparsify") is None and isinstance(method, str):
+            data["sparsify"] = ({"kind": "topk", "density": 0.2, "scope": "tensor"}
+                                if method == "ties" else {"kind": "none"})
+        key = "lambda" if "lambda" in data else "lam"
+        if method in DEFAULT_LAMBDA:
+            if data.get(key) is None:
+                data[key] = DEFAULT_LAMBDA[method]
+        elif isinstance(method, str) and method in METHODS:
+            data[key] = None  # unused by this method: kept out of identity()
+        return data
+
+    @field_validator("shard_size", "memory_budget", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> int:
+        return parse_size(v)
+
+    @field_validator("base", "output", mode="after")
+    @classmethod
+    def _abs(cls, v: Path) -> Path:
+        return _absolute(v)
+
+    @field_validator("models", mode="after")
+    @classmethod
+    def _models(cls, v: list[ModelEntry]) -> list[ModelEntry]:
+        if not v:
+            raise ValueError("at least one fine-tuned model is required (K=0)")
+        return [m.model_copy(update={"path": _absolute(m.path)}) for m in v]
+
+    @field_validator("lam", mode="after")
+    @classmethod
+    def _lam(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("lambda must be finite")
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self) -> "MergeConfig":
+        names = self.task_names
+        for i, n in enumerate(names):
+            if n in names[:i]:
+                raise ValueError(f"models.{i}.name: duplicate task name {n!r} "
+                                 f"(also models.{names.index(n)}.name)")
+        sp = self.sparsify
+        if isinstance(sp, SparsifyTADrop) and not sp.a < sp.b:
+            raise ValueError(f"sparsify.a: must be < sparsify.b (0 <= a < b <= 1), "
+                             f"got a={sp.a}, b={sp.b}")
+        unknown = [k for k in self.tall.lambdas if k not in names]
+        if unknown:
+            raise ValueError(f"tall.lambdas: unknown task(s) {', '.join(map(repr, unknown))}; "
+                             f"allowed: {', '.join(map(repr, names))}")
+        if self.method == "consensus" and self.consensus.k_min > len(names):
+            raise ValueError(f"consensus.k_min: {self.consensus.k_min} exceeds the number of "
+                             f"tasks ({len(names)}): the mask would be empty")
+        return self
+
+    @property
+    def task_names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    @property
+    def weights(self) -> list[float]:
+        return [m.weight for m in self.models]
+
+    def tall_lambdas(self) -> list[float]:
+        """Per-task TALL lambda in task order (tall.lambdas, else tall.default_lambda)."""
+        return [self.tall.lambdas.get(n, self.tall.default_lambda) for n in self.task_names]
+
+    def to_json(self) -> dict:
+        """The whole config as a JSON-able dict (for run.json); `from_json` reads it back."""
+        return self.model_dump(mode="json", by_alias=True)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "MergeConfig":
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(_format_errors(e, "run.json config")) from None
+
+    def identity(self) -> dict:
+        """The normalized settings that determine the output bytes, in canonical form.
+
+        Method-specific sections are kept only for the methods that read them, so an
+        unused section never changes a run's identity.
+        """
+        d = self.to_json()
+        for k in NON_IDENTITY_KEYS:
+            d.pop(k)
+        if self.method != "emr":
+            d.pop("emr")
+        if self.method not in ("tall_masks", "consensus"):
+            d.pop("tall")
+        else:
+            d["tall"]["lambdas"] = dict(zip(self.task_names, self.tall_lambdas()))
+        if self.method != "consensus":
+            d.pop("consensus")
+        return _canonical(d)
+
+
+def _absolute(p: Path) -> Path:
+    return Path(os.path.abspath(os.path.expanduser(str(p))))
+
+
+def _canonical(obj: Any) -> Any:
+    """Dicts with sorted keys, floats normalised, so equal configs compare equal."""
+    if isinstance(obj, dict):
+        return {k: _canonical(obj[k]) for k in sorted(obj)}
+    if isinstance(obj, list):
+        return [_canonical(v) for v in obj]
+    if isinstance(obj, float) and obj.is_integer():
+        return float(obj)
+    return obj
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses duplicate mapping keys (PyYAML keeps the last silently)."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen[key] = True
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_config(path: str | os.PathLike, overrides: dict | None = None) -> MergeConfig:
+    """Read and validate a YAML config; `overrides` (from the CLI) win over the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror or e}") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of keys to values, "
+                          f"got {type(data).__name__}")
+    for k, v in (overrides or {}).items():
+        if k not in OVERRIDE_KEYS:
+            raise ConfigError(f"{path}: override {k!r} not allowed; allowed: "
+                              f"{', '.join(OVERRIDE_KEYS)}")
+        if v is not None:
+            data[k] = v
+    try:
+        return MergeConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, str(path))) from None
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors(include_url=False):
+        loc = list(e["loc"])
+        if len(loc) >= 2 and loc[0] == "sparsify" and loc[1] in SPARSIFY_KINDS:
+            del loc[1]  # the union tag pydantic inserts; the user wrote sparsify.<key>
+        key = ".".join(str(p) for p in loc)
+        msg = e["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(e["loc"][:-1])
+            msg = f"unknown key; allowed: {', '.join(allowed)}" if allowed else "unknown key"
+            if loc and loc[0] == "sparsify" and len(e["loc"]) > 1:
+                msg += f" (for sparsify kind {e['loc'][1]!r})"
+        elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            key += ".kind"
+            msg = f"must be one of {', '.join(SPARSIFY_KINDS)}"
+            if e["type"] == "union_tag_invalid":
+                msg += f" (got {e['ctx']['tag']!r})"
+        elif e["type"] == "missing":
+            msg = "required key missing"
+        elif "input" in e and e["type"] not in ("model_type", "dict_type", "value_error"):
+            msg += f" (got {e['input']!r})"
+        lines.append(f"{key}: {msg}" if key else msg)
+    head = f"{source}: invalid config"
+    return head + (": " + lines[0] if len(lines) == 1 else ":\n  " + "\n  ".join(lines))
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """The keys a model at `loc` (a pydantic error location) accepts, by their YAML names."""
+    model: Any = MergeConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if part in SPARSIFY_KINDS and model is None:
+            model = SPARSIFY_KINDS[part]
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+        field = next((f for n, f in model.model_fields.items() if (f.alias or n) == part), None)
+        if field is None:
+            return []
+        model = _model_in(field.annotation)
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return [f.alias or n for n, f in model.model_fields.items()]
+    return []
+
+
+def _model_in(annotation: Any) -> Any:
+    """The single BaseModel type inside an annotation (list[...] etc.); None for unions."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    found = [a for a in (_model_in(x) for x in typing.get_args(annotation)) if a is not None]
+    return found[0] if len(found) == 1 else None

@@ -1,0 +1,446 @@
+"""Outputs written in place by many processes: safetensors shards, Zarr masks, Parquet stats.
+
+Shards are laid out up front from the headers alone (every tensor's byte range
+is known before any job runs), so each job pwrites its own disjoint range of a
+preallocated file and no process ever needs to assemble a shard.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import struct
+import urllib.parse
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from .checkpoints import DTYPES
+
+INDEX_SUFFIX = ".safetensors.index.json"
+
+
+# ---------------------------------------------------------------- small file helpers
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename/creation in `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON so readers see the old file or the new one, never a torn one."""
+    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
+    _atomic_write_bytes(Path(path), text.encode())
+
+
+# ---------------------------------------------------------------- safetensors shards
+
+@dataclass(frozen=True)
+class ShardTensor:
+    name: str
+    dtype: str                       # safetensors dtype string
+    shape: tuple[int, ...]
+    data_offsets: tuple[int, int]    # relative to the data start, as in the header
+    offset: int                      # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes per row: first dim for >=2-d, one element for 0-d/1-d."""
+        return DTYPES[self.dtype][1] * (math.prod(self.shape[1:]) if self.shape else 1)
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    filename: str
+    tensors: dict[str, ShardTensor]
+    header: bytes                    # the exact first bytes: u64 length + padded JSON
+    file_size: int
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    shards: list[ShardFile]
+    weight_map: dict[str, str]       # tensor -> file name (sorted by tensor)
+    total_size: int                  # sum of tensor bytes
+    prefix: str = "model"
+    _where: dict[str, tuple[int, ShardTensor]] = field(default_factory=dict, repr=False)
+
+    def locate(self, name: str) -> tuple[ShardFile, ShardTensor]:
+        i, t = self._where[name]
+        return self.shards[i], t
+
+    @property
+    def index_name(self) -> str:
+        return self.prefix + INDEX_SUFFIX
+
+
+def plan_shards(entries: Sequence[tuple[str, str, Sequence[int]]], shard_size: int,
+                prefix: str = "model") -> ShardPlan:
+    """Greedy packing in the given order: a new shard starts when the next tensor would
+    push the current one past `shard_size` tensor bytes (a larger tensor gets its own).
+
+    Inside a shard, data is laid out by decreasing item size (stable), so every tensor
+    is aligned to its dtype (safetensors requires contiguous data with no holes).
+    """
+    groups: list[list[tuple[str, str, tuple[int, ...], int]]] = []
+    used = 0
+    seen = set()
+    for name, dtype, shape in entries:
+        if dtype not in DTYPES:
+            raise ValueError(f"tensor {name!r}: unknown dtype {dtype!r}")
+        if name in seen:
+            raise ValueError(f"tensor {name!r} listed twice")
+        seen.add(name)
+        shape = tuple(int(d) for d in shape)
+        nbytes = math.prod(shape) * DTYPES[dtype][1]
+        if not groups or (groups[-1] and used + nbytes > shard_size):
+            groups.append([])
+            used = 0
+        groups[-1].append((name, dtype, shape, nbytes))
+        used += nbytes
+    n = len(groups)
+    shards, weight_map, where = [], {}, {}
+    for i, group in enumerate(groups):
+        filename = f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors"
+        layout = sorted(group, key=lambda e: -DTYPES[e[1]][1])
+        pos, header = 0, {"__metadata__": {"format": "pt"}}
+        rel = {}
+        for name, dtype, shape, nbytes in layout:
+            rel[name] = (pos, pos + nbytes)
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+            pos += nbytes
+        js = json.dumps(header, separators=(",", ":")).encode()
+        js += b" " * (-len(js) % 8)
+        data_start = 8 + len(js)
+        tensors = {}
+        for name, dtype, shape, nbytes in group:
+            t = ShardTensor(name, dtype, shape, rel[name], data_start + rel[name][0], nbytes)
+            tensors[name] = t
+            weight_map[name] = filename
+            where[name] = (i, t)
+        shards.append(ShardFile(filename, tensors, struct.pack("<Q", len(js)) + js,
+                                data_start + pos))
+    total = sum(t.nbytes for s in shards for t in s.tensors.values())
+    return ShardPlan(shards, dict(sorted(weight_map.items())), total, prefix, where)
+
+
+def create_shard_files(plan: ShardPlan, directory: str | os.PathLike) -> None:
+    """Write each shard's header and size it to its final length (sparse).
+
+    Idempotent: a file already holding the right header and size is kept, so a
+    resumed run keeps the bytes its finished jobs wrote.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for shard in plan.shards:
+        path = directory / shard.filename
+        if _shard_ok(path, shard):
+            continue
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _pwrite_all(fd, memoryview(shard.header), 0)
+            os.ftruncate(fd, shard.file_size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fsync_dir(directory)
+
+
+def _shard_ok(path: Path, shard: ShardFile) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return (os.fstat(f.fileno()).st_size == shard.file_size
+                    and f.read(len(shard.header)) == shard.header)
+    except FileNotFoundError:
+        return False
+
+
+def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
+    while len(buf):
+        n = os.pwrite(fd, buf, offset)
+        buf, offset = buf[n:], offset + n
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a CPU contiguous tensor (any dtype, bf16 included), zero-copy."""
+    flat = t.reshape(-1)
+    if flat.dtype != torch.uint8:
+        flat = flat.view(torch.uint8)
+    return memoryview(flat.numpy())
+
+
+class ShardWriter:
+    """pwrites tensors (or row ranges) into shard files made by create_shard_files.
+
+    Many processes may write disjoint ranges of one file at once: that is the design.
+    """
+
+    def __init__(self, plan: ShardPlan, directory: str | os.PathLike):
+        self.plan, self.directory = plan, Path(directory)
+        self._fds: dict[str, int] = {}
+        self._dirty: set[str] = set()
+
+    def _fd(self, filename: str) -> int:
+        fd = self._fds.get(filename)
+        if fd is None:
+            fd = self._fds[filename] = os.open(self.directory / filename, os.O_WRONLY)
+        return fd
+
+    def write(self, name: str, tensor: torch.Tensor, row_start: int = 0) -> None:
+        """Write `tensor` (in the planned dtype; rows of the planned shape) at row_start."""
+        shard, info = self.plan.locate(name)
+        want = DTYPES[info.dtype][0]
+        if tensor.dtype != want:
+            raise TypeError(f"tensor {name!r}: got {tensor.dtype}, planned {info.dtype} "
+                            f"({want}); cast before writing")
+        if tensor.device.type != "cpu" or not tensor.is_contiguous():
+            raise ValueError(f"tensor {name!r}: need a CPU contiguous tensor")
+        if len(info.shape) >= 2 and tuple(tensor.shape[1:]) != info.shape[1:]:
+            raise ValueError(f"tensor {name!r}: rows of shape {tuple(tensor.shape[1:])}, "
+                             f"planned {info.shape[1:]}")
+        buf = tensor_bytes(tensor)
+        start = row_start * info.row_bytes
+        if row_start < 0 or start + len(buf) > info.nbytes:
+            raise ValueError(f"tensor {name!r}: writing {len(buf)} bytes at row {row_start} "
+                             f"overruns its {info.nbytes} bytes")
+        _pwrite_all(self._fd(shard.filename), buf, info.offset + start)
+        self._dirty.add(shard.filename)
+
+    def sync(self) -> None:
+        """fsync every file written since the last sync (before the ledger records a job)."""
+        for filename in sorted(self._dirty):
+            os.fsync(self._fds[filename])
+        self._dirty.clear()
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, {}
+        self._dirty.clear()
+        for fd in fds.values():
+            os.close(fd)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:
+        return {"plan": self.plan, "directory": self.directory}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["plan"], state["directory"])
+
+
+def write_index(plan: ShardPlan, directory: str | os.PathLike) -> Path:
+    """`<prefix>.safetensors.index.json` as transformers reads it, written atomically."""
+    path = Path(directory) / plan.index_name
+    atomic_write_json(path, {"metadata": {"total_size": plan.total_size},
+                             "weight_map": plan.weight_map})
+    return path
+
+
+# ---------------------------------------------------------------- Zarr masks
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
+
+
+def encode_array_name(name: str) -> str:
+    """Zarr node name for a tensor name: kept as is when plain ([A-Za-z0-9_.-], not
+    starting with '.'); otherwise percent-encoded (reversible by decode_array_name)."""
+    if _SAFE_NAME.match(name):
+        return name
+    enc = urllib.parse.quote(name, safe="_-.")
+    return "%2E" + enc[1:] if enc.startswith(".") else enc
+
+
+def decode_array_name(key: str) -> str:
+    return urllib.parse.unquote(key)
+
+
+_ZARR_NOISE = (".*[Nn]umcodecs.*", ".*not in the Zarr version 3 specification.*")
+for _msg in _ZARR_NOISE:  # process-wide: zarr emits these from its event-loop thread
+    warnings.filterwarnings("ignore", message=_msg)
+
+
+@contextlib.contextmanager
+def _quiet_zarr():
+    """numcodecs codecs in zarr v3 warn that they are unstable/not in the spec: expected."""
+    with warnings.catch_warnings():  # again here: test runners reset the global filters
+        for msg in _ZARR_NOISE:
+            warnings.filterwarnings("ignore", message=msg)
+        yield
+
+
+class MaskStore:
+    """Per-task boolean masks: one bit-packed Zarr array (K, *shape) per tensor.
+
+    Chunks are (1, chunk_rows, *rest) so every job writes only whole chunks of its own
+    rows; no sharding codec, since two processes writing one shard lose data.
+    """
+
+    def __init__(self, path: str | os.PathLike, group):
+        self.path, self._group = Path(path), group
+        self._arrays: dict[str, Any] = {}
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, arrays: dict[str, tuple[int, Sequence[int], int]],
+               attrs: dict) -> "MaskStore":
+        """Create (or keep, if already identical) one array per tensor: name -> (K, shape,
+        chunk_rows). Called by the driver before any job runs."""
+        import zarr
+        from zarr.codecs import ZstdCodec
+        from zarr.codecs.numcodecs import PackBits
+
+        with _quiet_zarr():
+            group = zarr.open_group(str(path), mode="a")
+            existing = {decode_array_name(k): group[k] for k in group.array_keys()}
+            for name, (k, shape, chunk_rows) in arrays.items():
+                shape = tuple(int(d) for d in shape)
+                full = (int(k), *shape)
+                chunks = (1, max(1, min(int(chunk_rows), shape[0] or 1)), *shape[1:]) \
+                    if shape else (1,)
+                arr = existing.get(name)
+                if (arr is not None and arr.shape == full and arr.chunks == chunks
+                        and arr.dtype == np.bool_):
+                    continue
+                group.create_array(encode_array_name(name), shape=full, chunks=chunks,
+                                   dtype="bool", fill_value=False, filters=[PackBits()],
+                                   compressors=[ZstdCodec(level=1)], overwrite=True)
+            group.attrs.update(attrs)
+        fsync_dir(path)
+        return cls(path, group)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, mode: str = "r+") -> "MaskStore":
+        import zarr
+        if not (Path(path) / "zarr.json").is_file():
+            raise FileNotFoundError(f"{path}: not a mask store (no zarr.json)")
+        with _quiet_zarr():
+            return cls(path, zarr.open_group(str(path), mode=mode))
+
+    def __getstate__(self) -> dict:
+        return {"path": str(self.path)}
+
+    def __setstate__(self, state: dict) -> None:
+        other = MaskStore.open(state["path"])
+        self.__dict__.update(other.__dict__)
+
+    def _array(self, name: str):
+        arr = self._arrays.get(name)
+        if arr is None:
+            try:
+                with _quiet_zarr():
+                    arr = self._arrays[name] = self._group[encode_array_name(name)]
+            except KeyError:
+                raise KeyError(f"{self.path}: no mask array for tensor {name!r}") from None
+        return arr
+
+    def names(self) -> list[str]:
+        with _quiet_zarr():
+            return sorted(decode_array_name(k) for k in self._group.array_keys())
+
+    def chunk_rows(self, name: str) -> int:
+        arr = self._array(name)
+        return arr.chunks[1] if len(arr.chunks) > 1 else 1
+
+    def write(self, name: str, r0: int, masks: np.ndarray | torch.Tensor) -> None:
+        """Write rows [r0, r0 + rows) of all K tasks; r0 is aligned to chunk_rows and the
+        range ends on a chunk boundary or at the last row (so only whole chunks are written)."""
+        arr = self._array(name)
+        if isinstance(masks, torch.Tensor):
+            masks = masks.detach().cpu().numpy()
+        masks = np.asarray(masks, dtype=bool)
+        if masks.shape[0] != arr.shape[0] or masks.shape[2:] != arr.shape[2:]:
+            raise ValueError(f"mask {name!r}: got shape {masks.shape} for array {arr.shape}")
+        if len(arr.shape) == 1:   # 0-d tensor: one element per task
+            arr[:] = masks.reshape(arr.shape)
+            return
+        rows, cr = masks.shape[1], arr.chunks[1]
+        r1 = r0 + rows
+        if r0 % cr or not (r1 % cr == 0 or r1 == arr.shape[1]) or r1 > arr.shape[1]:
+            raise ValueError(f"mask {name!r}: rows [{r0}, {r1}) are not whole chunks of "
+                             f"{cr} rows within {arr.shape[1]}")
+        with _quiet_zarr():
+            arr[:, r0:r1] = masks
+
+    def read(self, name: str, task_index: int, r0: int | None = None,
+             r1: int | None = None) -> np.ndarray:
+        arr = self._array(name)
+        with _quiet_zarr():
+            if len(arr.shape) == 1:
+                return np.asarray(arr[task_index])
+            return np.asarray(arr[task_index, slice(r0, r1)])
+
+    @property
+    def attrs(self) -> dict:
+        with _quiet_zarr():
+            return dict(self._group.attrs)
+
+    def set_attrs(self, attrs: dict) -> None:
+        """Merge `attrs` into the group attributes (task names, per-task scalars)."""
+        with _quiet_zarr():
+            self._group.attrs.update(attrs)
+
+
+# ---------------------------------------------------------------- Parquet stats
+
+STATS_SCHEMA = pa.schema([
+    pa.field("tensor", pa.string(), nullable=False),
+    pa.field("task", pa.string(), nullable=False),
+    pa.field("numel", pa.int64(), nullable=False),
+    pa.field("q_a", pa.float64()),
+    pa.field("q_b", pa.float64()),
+    pa.field("drop_rate", pa.float64()),
+    pa.field("kept", pa.int64()),
+    pa.field("norm_before", pa.float64()),
+    pa.field("norm_after", pa.float64()),
+    pa.field("mask_density", pa.float64()),
+])
+
+
+def write_stats(rows: Iterable[dict], path: str | os.PathLike,
+                tasks: Sequence[str] | None = None) -> None:
+    """stats.parquet, one row per (tensor, task), sorted by tensor then by task order
+    (`tasks`, else the order the rows came in); written atomically."""
+    rows = list(rows)
+    cols = STATS_SCHEMA.names
+    for r in rows:
+        extra = set(r) - set(cols)
+        if extra:
+            raise ValueError(f"stats row for {r.get('tensor')!r}: unknown column(s) "
+                             f"{sorted(extra)}; allowed: {cols}")
+    order = {t: i for i, t in enumerate(tasks or ())}
+    rows = sorted(rows, key=lambda r: (r["tensor"], order.get(r["task"], len(order))))
+    table = pa.Table.from_pydict({c: [r.get(c) for r in rows] for c in cols},
+                                 schema=STATS_SCHEMA)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    pq.write_table(table, tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
