@@ -277,6 +277,18 @@ class Checkpoint:
                                  count=count, offset=offset)
         return t.view(shape)
 
+    def release(self, name: str) -> None:
+        """Drop a tensor's pages from this process's mapping so a worker's RSS stays bounded.
+
+        Safe with live views: pages fault back in from the page cache when touched.
+        """
+        info = self.tensors.get(name)
+        mm = self._maps.get(info.file) if info else None
+        if mm is None or not info.nbytes or not hasattr(mm, "madvise"):
+            return
+        start = info.offset - info.offset % mmap.PAGESIZE
+        mm.madvise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
+
     def non_weight_files(self) -> list[Path]:
         """Files a Hugging Face output needs besides the weights (config, tokenizer...)."""
         out = []

@@ -18,6 +18,8 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError,
                       field_validator, model_validator)
 
 METHODS = ("task_arithmetic", "ties", "emr", "tall_masks", "consensus")
+DEFAULT_METHOD = "task_arithmetic"
+# lambda scales the merged vector of these methods only; the others ignore it.
 DEFAULT_LAMBDA = {"task_arithmetic": 0.3, "ties": 1.0}
 OVERRIDE_KEYS = ("output", "workers", "memory_budget", "executor")
 # Keys that do not change the output bytes (left out of identity()).
@@ -142,13 +144,14 @@ class RayConfig(_Strict):
 
 
 class MergeConfig(_Strict):
-    """A validated merge config; paths are absolute, `lam` has the method default."""
+    """A validated merge config; paths are absolute, `lam` has the method default
+    (task_arithmetic 0.3, ties 1.0; emr/tall_masks/consensus ignore it)."""
 
     base: Path
     models: list[ModelEntry]
-    method: Literal["task_arithmetic", "ties", "emr", "tall_masks", "consensus"]
+    method: Literal["task_arithmetic", "ties", "emr", "tall_masks", "consensus"] = DEFAULT_METHOD
     sparsify: Sparsify
-    lam: float | None = Field(None, alias="lambda")
+    lam: float = Field(alias="lambda")  # filled with the method default by _defaults
     emr: EMRConfig = Field(default_factory=EMRConfig)
     tall: TallConfig = Field(default_factory=TallConfig)
     consensus: ConsensusConfig = Field(default_factory=ConsensusConfig)
@@ -171,16 +174,13 @@ class MergeConfig(_Strict):
         if not isinstance(data, dict):
             return data
         data = dict(data)
-        method = data.get("method")
+        method = data.setdefault("method", DEFAULT_METHOD)
         if data.get("sparsify") is None and isinstance(method, str):
             data["sparsify"] = ({"kind": "topk", "density": 0.2, "scope": "tensor"}
                                 if method == "ties" else {"kind": "none"})
         key = "lambda" if "lambda" in data else "lam"
-        if method in DEFAULT_LAMBDA:
-            if data.get(key) is None:
-                data[key] = DEFAULT_LAMBDA[method]
-        elif isinstance(method, str) and method in METHODS:
-            data[key] = None  # unused by this method: kept out of identity()
+        if data.get(key) is None and isinstance(method, str):
+            data[key] = DEFAULT_LAMBDA.get(method, DEFAULT_LAMBDA[DEFAULT_METHOD])
         return data
 
     @field_validator("shard_size", "memory_budget", mode="before")
@@ -202,8 +202,8 @@ class MergeConfig(_Strict):
 
     @field_validator("lam", mode="after")
     @classmethod
-    def _lam(cls, v: float | None) -> float | None:
-        if v is not None and not math.isfinite(v):
+    def _lam(cls, v: float) -> float:
+        if not math.isfinite(v):
             raise ValueError("lambda must be finite")
         return v
 
@@ -259,6 +259,8 @@ class MergeConfig(_Strict):
         d = self.to_json()
         for k in NON_IDENTITY_KEYS:
             d.pop(k)
+        if self.method not in DEFAULT_LAMBDA:
+            d["lambda"] = None
         if self.method != "emr":
             d.pop("emr")
         if self.method not in ("tall_masks", "consensus"):

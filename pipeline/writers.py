@@ -39,7 +39,8 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write bytes so readers see the old file or the new one, never a torn one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -53,7 +54,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON so readers see the old file or the new one, never a torn one."""
     text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
-    _atomic_write_bytes(Path(path), text.encode())
+    atomic_write_bytes(path, text.encode())
 
 
 # ---------------------------------------------------------------- safetensors shards
@@ -92,6 +93,11 @@ class ShardPlan:
     def locate(self, name: str) -> tuple[ShardFile, ShardTensor]:
         i, t = self._where[name]
         return self.shards[i], t
+
+    @property
+    def files(self) -> list[str]:
+        """Shard file names in order."""
+        return [s.filename for s in self.shards]
 
     @property
     def index_name(self) -> str:
@@ -423,9 +429,9 @@ STATS_SCHEMA = pa.schema([
 
 
 def write_stats(rows: Iterable[dict], path: str | os.PathLike,
-                tasks: Sequence[str] | None = None) -> None:
+                task_order: Sequence[str] | None = None) -> None:
     """stats.parquet, one row per (tensor, task), sorted by tensor then by task order
-    (`tasks`, else the order the rows came in); written atomically."""
+    (`task_order`, else the order the rows came in); written atomically."""
     rows = list(rows)
     cols = STATS_SCHEMA.names
     for r in rows:
@@ -433,7 +439,7 @@ def write_stats(rows: Iterable[dict], path: str | os.PathLike,
         if extra:
             raise ValueError(f"stats row for {r.get('tensor')!r}: unknown column(s) "
                              f"{sorted(extra)}; allowed: {cols}")
-    order = {t: i for i, t in enumerate(tasks or ())}
+    order = {t: i for i, t in enumerate(task_order or ())}
     rows = sorted(rows, key=lambda r: (r["tensor"], order.get(r["task"], len(order))))
     table = pa.Table.from_pydict({c: [r.get(c) for r in rows] for c in cols},
                                  schema=STATS_SCHEMA)
