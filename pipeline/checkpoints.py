@@ -259,14 +259,14 @@ class Checkpoint:
         except KeyError:
             raise CheckpointError(f"{self.root}: no tensor {name!r} in model "
                                   f"{self.name!r}") from None
-        rows = info.rows
+        rows, ranged = info.rows, r0 is not None or r1 is not None
         r0 = 0 if r0 is None else r0
         r1 = rows if r1 is None else r1
         if not 0 <= r0 <= r1 <= rows:
             raise CheckpointError(f"{info.file}: tensor {name!r}: rows [{r0}, {r1}) out of "
                                   f"range [0, {rows})")
-        whole = (r0, r1) == (0, rows)
-        shape = info.shape if whole else (r1 - r0, *info.shape[1:])
+        # a 0-d tensor asked for a row range comes back 1-d, like every other row view
+        shape = (r1 - r0, *info.shape[1:]) if ranged else info.shape
         count = (r1 - r0) * info.row_numel
         if count == 0:
             return torch.empty(shape, dtype=info.torch_dtype)
