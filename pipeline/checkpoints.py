@@ -104,9 +104,12 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict, int]:
     except PermissionError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror}") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt header (not JSON: {e})") from None
+    except KeyError as e:
+        raise CheckpointError(f"{path}: corrupt header (tensor {e.args[0]!r} listed "
+                              "twice)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt header (JSON {type(header).__name__}, "
                               "expected an object)")
@@ -147,6 +150,16 @@ def _tensor_info(path: Path, name: str, entry, data_start: int, data_size: int) 
         raise CheckpointError(f"{where}: truncated file: data ends at byte "
                               f"{data_start + offs[1]} but the file has {data_start + data_size}")
     return TensorInfo(name, dtype, tuple(shape), path, data_start + offs[0], nbytes)
+
+
+def _unique_keys(pairs: list) -> dict:
+    """json object hook: a duplicated key would silently hide a tensor."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise KeyError(k)
+        out[k] = v
+    return out
 
 
 def _is_uint(x) -> bool:

@@ -5,7 +5,6 @@ every unknown key or bad value is refused with its key path and what is allowed.
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 import typing
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError,
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
                       field_validator, model_validator)
 
 METHODS = ("task_arithmetic", "ties", "emr", "tall_masks", "consensus")
@@ -62,17 +61,28 @@ def parse_size(value: str | int) -> int:
         raise ValueError(f"cannot parse size {value!r}") from e
 
 
+def _not_bool(v: Any) -> Any:
+    """YAML turns yes/no/true into booleans; pydantic would read them as 1/0."""
+    if isinstance(v, bool):
+        raise ValueError(f"expected a number, got {str(v).lower()}")
+    return v
+
+
+Float = Annotated[float, BeforeValidator(_not_bool)]
+Int = Annotated[int, BeforeValidator(_not_bool)]
 Size = Annotated[int, Field(gt=0)]
+RESERVED_TASK_NAMES = ("base",)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True,
+                              allow_inf_nan=False)
 
 
 class ModelEntry(_Strict):
     name: str
     path: Path
-    weight: float = 1.0
+    weight: Float = 1.0
 
     @field_validator("name")
     @classmethod
@@ -80,13 +90,8 @@ class ModelEntry(_Strict):
         if not _TASK_NAME_RE.match(v):
             raise ValueError(f"task name {v!r} must match {_TASK_NAME_RE.pattern} "
                              "(letters, digits, '_', '.', '-'; used in file names)")
-        return v
-
-    @field_validator("weight")
-    @classmethod
-    def _weight(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("weight must be finite")
+        if v in RESERVED_TASK_NAMES:
+            raise ValueError(f"task name {v!r} is reserved for the base model")
         return v
 
 
@@ -96,22 +101,22 @@ class SparsifyNone(_Strict):
 
 class SparsifyTADrop(_Strict):
     kind: Literal["tadrop"]
-    a: float = Field(0.5, ge=0.0, le=1.0)
-    b: float = Field(0.95, ge=0.0, le=1.0)
-    eps: float = Field(1e-12, ge=0.0)
+    a: Float = Field(0.5, ge=0.0, le=1.0)
+    b: Float = Field(0.95, ge=0.0, le=1.0)
+    eps: Float = Field(1e-12, ge=0.0)
     rescale: Literal["norm", "none", "inverse_keep"] = "norm"
     scope: Literal["tensor", "model"] = "tensor"
 
 
 class SparsifyTopK(_Strict):
     kind: Literal["topk"]
-    density: float = Field(0.2, gt=0.0, le=1.0)
+    density: Float = Field(0.2, gt=0.0, le=1.0)
     scope: Literal["tensor", "model"] = "tensor"
 
 
 class SparsifyDARE(_Strict):
     kind: Literal["dare"]
-    p: float = Field(ge=0.0, lt=1.0)
+    p: Float = Field(ge=0.0, lt=1.0)
 
 
 Sparsify = Annotated[Union[SparsifyNone, SparsifyTADrop, SparsifyTopK, SparsifyDARE],
@@ -125,22 +130,22 @@ class EMRConfig(_Strict):
 
 
 class TallConfig(_Strict):
-    lambdas: dict[str, Annotated[float, Field(ge=0.0)]] = Field(default_factory=dict)
-    default_lambda: float = Field(0.4, ge=0.0)
+    lambdas: dict[str, Annotated[Float, Field(ge=0.0)]] = Field(default_factory=dict)
+    default_lambda: Float = Field(0.4, ge=0.0)
     inner: Literal["task_arithmetic", "ties"] = "task_arithmetic"
 
 
 class ConsensusConfig(_Strict):
-    k_min: int = Field(2, ge=1)
-    alpha: float = 0.3
+    k_min: Int = Field(2, ge=1)
+    alpha: Float = 0.3
     inner: Literal["task_arithmetic", "ties"] = "task_arithmetic"
 
 
 class RayConfig(_Strict):
     address: str | None = None
-    actors: int | None = Field(None, ge=1)
-    num_cpus_per_actor: float = Field(1, gt=0)
-    num_gpus_per_actor: float = Field(0, ge=0)
+    actors: Int | None = Field(None, ge=1)
+    num_cpus_per_actor: Float = Field(1, gt=0)
+    num_gpus_per_actor: Float = Field(0, ge=0)
 
 
 class MergeConfig(_Strict):
@@ -151,7 +156,7 @@ class MergeConfig(_Strict):
     models: list[ModelEntry]
     method: Literal["task_arithmetic", "ties", "emr", "tall_masks", "consensus"] = DEFAULT_METHOD
     sparsify: Sparsify
-    lam: float = Field(alias="lambda")  # filled with the method default by _defaults
+    lam: Float = Field(alias="lambda")  # filled with the method default by _defaults
     emr: EMRConfig = Field(default_factory=EMRConfig)
     tall: TallConfig = Field(default_factory=TallConfig)
     consensus: ConsensusConfig = Field(default_factory=ConsensusConfig)
@@ -160,9 +165,9 @@ class MergeConfig(_Strict):
     output_dtype: Literal["float32", "float16", "bfloat16"] | None = None
     unified_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     shard_size: Size = 5 * 10**9
-    seed: int = Field(0, ge=0)
+    seed: Int = Field(0, ge=0)
     memory_budget: Size = 2 * 2**30
-    workers: int = Field(1, ge=1)
+    workers: Int = Field(1, ge=1)
     executor: Literal["local", "ray"] = "local"
     device: Literal["cpu", "cuda"] = "cpu"
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -199,13 +204,6 @@ class MergeConfig(_Strict):
         if not v:
             raise ValueError("at least one fine-tuned model is required (K=0)")
         return [m.model_copy(update={"path": _absolute(m.path)}) for m in v]
-
-    @field_validator("lam", mode="after")
-    @classmethod
-    def _lam(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("lambda must be finite")
-        return v
 
     @model_validator(mode="after")
     def _cross(self) -> "MergeConfig":
@@ -277,13 +275,11 @@ def _absolute(p: Path) -> Path:
 
 
 def _canonical(obj: Any) -> Any:
-    """Dicts with sorted keys, floats normalised, so equal configs compare equal."""
+    """Dicts with sorted keys (pydantic has already made every number its field's type)."""
     if isinstance(obj, dict):
         return {k: _canonical(obj[k]) for k in sorted(obj)}
     if isinstance(obj, list):
         return [_canonical(v) for v in obj]
-    if isinstance(obj, float) and obj.is_integer():
-        return float(obj)
     return obj
 
 

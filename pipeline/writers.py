@@ -69,9 +69,13 @@ class ShardTensor:
     nbytes: int
 
     @property
+    def row_numel(self) -> int:
+        """Elements per row: first dim for >=2-d, one element for 0-d/1-d."""
+        return math.prod(self.shape[1:]) if self.shape else 1
+
+    @property
     def row_bytes(self) -> int:
-        """Bytes per row: first dim for >=2-d, one element for 0-d/1-d."""
-        return DTYPES[self.dtype][1] * (math.prod(self.shape[1:]) if self.shape else 1)
+        return DTYPES[self.dtype][1] * self.row_numel
 
 
 @dataclass(frozen=True)
@@ -217,7 +221,7 @@ class ShardWriter:
         return fd
 
     def write(self, name: str, tensor: torch.Tensor, row_start: int = 0) -> None:
-        """Write `tensor` (in the planned dtype; rows of the planned shape) at row_start."""
+        """Write `tensor` (in the planned dtype; whole rows, shaped or flat) at row_start."""
         shard, info = self.plan.locate(name)
         want = DTYPES[info.dtype][0]
         if tensor.dtype != want:
@@ -225,7 +229,8 @@ class ShardWriter:
                             f"({want}); cast before writing")
         if tensor.device.type != "cpu" or not tensor.is_contiguous():
             raise ValueError(f"tensor {name!r}: need a CPU contiguous tensor")
-        if len(info.shape) >= 2 and tuple(tensor.shape[1:]) != info.shape[1:]:
+        flat_rows = tensor.dim() == 1 and tensor.numel() % max(1, info.row_numel) == 0
+        if len(info.shape) >= 2 and tuple(tensor.shape[1:]) != info.shape[1:] and not flat_rows:
             raise ValueError(f"tensor {name!r}: rows of shape {tuple(tensor.shape[1:])}, "
                              f"planned {info.shape[1:]}")
         buf = tensor_bytes(tensor)
@@ -337,8 +342,9 @@ class MaskStore:
                                    dtype="bool", fill_value=False, filters=[PackBits()],
                                    compressors=[ZstdCodec(level=1)], overwrite=True)
             group.attrs.update(attrs)
-        fsync_dir(path)
-        return cls(path, group)
+        store = cls(path, group)
+        store._sync_metadata()
+        return store
 
     @classmethod
     def open(cls, path: str | os.PathLike, mode: str = "r+") -> "MaskStore":
@@ -383,7 +389,9 @@ class MaskStore:
         if masks.shape[0] != arr.shape[0] or masks.shape[2:] != arr.shape[2:]:
             raise ValueError(f"mask {name!r}: got shape {masks.shape} for array {arr.shape}")
         if len(arr.shape) == 1:   # 0-d tensor: one element per task
-            arr[:] = masks.reshape(arr.shape)
+            with _quiet_zarr():
+                arr[:] = masks.reshape(arr.shape)
+            self._sync_chunks(arr, [(k,) for k in range(arr.shape[0])])
             return
         rows, cr = masks.shape[1], arr.chunks[1]
         r1 = r0 + rows
@@ -392,6 +400,31 @@ class MaskStore:
                              f"{cr} rows within {arr.shape[1]}")
         with _quiet_zarr():
             arr[:, r0:r1] = masks
+        rest = (0,) * (len(arr.shape) - 2)
+        self._sync_chunks(arr, [(k, c, *rest) for k in range(arr.shape[0])
+                                for c in range(r0 // cr, -(-r1 // cr))])
+
+    def _sync_chunks(self, arr, coords: list[tuple[int, ...]]) -> None:
+        """fsync the chunk files just written (zarr renames them into place but never
+        fsyncs), so a job is durable before the ledger records it."""
+        top = self.path / arr.path
+        dirs = set()
+        for c in coords:
+            f = top / arr.metadata.encode_chunk_key(c)
+            try:
+                fd = os.open(f, os.O_RDONLY)
+            except FileNotFoundError:
+                continue   # an all-False chunk: zarr stores nothing (reads give the fill value)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            d = f.parent
+            while d != top.parent and d not in dirs:
+                dirs.add(d)
+                d = d.parent
+        for d in sorted(dirs, reverse=True):
+            fsync_dir(d)
 
     def read(self, name: str, task_index: int, r0: int | None = None,
              r1: int | None = None) -> np.ndarray:
@@ -410,6 +443,18 @@ class MaskStore:
         """Merge `attrs` into the group attributes (task names, per-task scalars)."""
         with _quiet_zarr():
             self._group.attrs.update(attrs)
+        self._sync_metadata()
+
+    def _sync_metadata(self) -> None:
+        """fsync every zarr.json and the directories holding them."""
+        for meta in [self.path / "zarr.json", *self.path.glob("*/zarr.json")]:
+            fd = os.open(meta, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            fsync_dir(meta.parent)
+        fsync_dir(self.path.parent)
 
 
 # ---------------------------------------------------------------- Parquet stats
@@ -436,6 +481,9 @@ def write_stats(rows: Iterable[dict], path: str | os.PathLike,
     cols = STATS_SCHEMA.names
     for r in rows:
         extra = set(r) - set(cols)
+        missing = [c for c in ("tensor", "task", "numel") if r.get(c) is None]
+        if missing:
+            raise ValueError(f"stats row {r!r}: {', '.join(missing)} required")
         if extra:
             raise ValueError(f"stats row for {r.get('tensor')!r}: unknown column(s) "
                              f"{sorted(extra)}; allowed: {cols}")

@@ -331,3 +331,19 @@ def test_validate_reports_many_problems_at_once(tmp_path):
         validate_inputs(base, models, [])
     msg = str(e.value)
     assert "16 problem(s)" in msg and "'w1'" in msg and "'w2'" in msg and "... and 6 more" in msg
+
+
+def test_duplicate_tensor_in_header(tmp_path):
+    js = b'{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"x":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}'
+    p = tmp_path / "dup.safetensors"
+    p.write_bytes(struct.pack("<Q", len(js)) + js + bytes(8))
+    assert "'x'" in expect_error(p, "twice")
+
+
+def test_input_changed_after_open_is_detected(single):
+    path, sd = single
+    ck = Checkpoint.open(path, "m")
+    with open(path, "ab") as f:
+        f.write(b"more")
+    with pytest.raises(CheckpointError, match="size changed"):
+        ck.view("a.bf16.2d")

@@ -243,3 +243,16 @@ def test_bad_override(tmp_path):
     msg = error(tmp_path, MINIMAL, overrides={"method": "ties"})
     assert "override 'method'" in msg and "memory_budget" in msg
     assert "workers" in error(tmp_path, MINIMAL, overrides={"workers": 0})
+
+
+def test_booleans_and_non_finite_numbers_refused(tmp_path):
+    assert "expected a number, got true" in error(tmp_path, {**MINIMAL, "workers": True})
+    msg = error(tmp_path, {**MINIMAL, "models": [{"name": "a", "path": "p", "weight": True}]})
+    assert "models.0.weight" in msg
+    assert "lambda" in error(tmp_path, {**MINIMAL, "lambda": float("nan")})
+    assert "consensus.alpha" in error(tmp_path, {**MINIMAL, "consensus": {"alpha": float("inf")}})
+    assert "tall.lambdas.a" in error(tmp_path, {**MINIMAL, "tall": {"lambdas": {"a": False}}})
+
+
+def test_task_named_base_is_reserved(tmp_path):
+    assert "reserved" in error(tmp_path, {**MINIMAL, "models": [{"name": "base", "path": "p"}]})

@@ -175,9 +175,12 @@ def test_writer_checks(tmp_path):
     with pytest.raises(KeyError):
         w.write("nope", torch.zeros(1))
     w.write("v", torch.arange(2, dtype=torch.float32), row_start=3)
+    w.write("w", torch.arange(6).to(torch.bfloat16), row_start=2)     # whole rows, flat
     w.sync()
     w.close()
-    assert load_file(str(tmp_path / plan.files[0]))["v"].tolist() == [0, 0, 0, 0, 1]
+    got = load_file(str(tmp_path / plan.files[0]))
+    assert got["v"].tolist() == [0, 0, 0, 0, 1]
+    assert got["w"][2:].flatten().tolist() == list(range(6)) and not got["w"][:2].any()
 
 
 def test_index_is_atomic_json(tmp_path):
@@ -251,6 +254,7 @@ def test_mask_writes_must_be_whole_chunks(tmp_path):
     with pytest.raises(ValueError, match="whole chunks"):
         store.write("w", 4, np.zeros((2, 2, 4), bool))
     store.write("w", 8, np.ones((2, 2, 4), bool))          # the last, short chunk
+    store.write("w", 4, np.zeros((2, 4, 4), bool))         # all False: zarr writes no chunk file
     store.write("w", 0, torch.ones(2, 8, 4, dtype=torch.bool))
     assert store.read("w", 0).all()
     with pytest.raises(ValueError, match="shape"):
