@@ -299,7 +299,7 @@ def status(run_dir: Path, out=sys.stdout) -> int:
         return 2
     plan_file = run_dir / STATE_DIR / "plan.json"
     jobs = json.loads(plan_file.read_text())["jobs"] if plan_file.exists() else []
-    done = Ledger(run_dir / STATE_DIR / "ledger.jsonl").done(repair=False) if jobs else {}
+    done = Ledger(run_dir / STATE_DIR / "ledger.jsonl").done() if jobs else {}
     total_b = sum(j["bytes"] for j in jobs)
     done_b = sum(j["bytes"] for j in jobs if j["id"] in done)
     n_done = sum(1 for j in jobs if j["id"] in done)
