@@ -40,6 +40,10 @@ NON_WEIGHT_PATTERNS = ("config.json", "generation_config.json", "tokenizer*",
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
 
+# torch warns (once per process) that a view of a read-only map is not writable: by design.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+
 class CheckpointError(ValueError):
     """An unusable input checkpoint; the message names the file (and tensor)."""
 
