@@ -18,9 +18,9 @@ from .config import MergeConfig
 from .job import Job
 from .writers import ShardPlan, plan_shards
 
-_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
+                "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 _DTYPE_CODES = {v: k for k, v in _DTYPE_NAMES.items()}
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 
 MERGED_METHODS = {"task_arithmetic", "ties", "consensus"}
 UNIFIED_METHODS = {"emr", "tall_masks"}
