@@ -1,0 +1,26 @@
+"""tadrop: the maths of model merging on in-memory tensors (torch + numpy only).
+
+See shared/SPEC.md for the semantics and docs/ARCHITECTURE.md for the contracts.
+"""
+from ._buffers import release_scratch
+from .methods import (EMRChunk, EMRPartials, consensus, consensus_mask, emr, emr_rescalers,
+                      emr_task_model, tall_masks, tall_task_model, task_arithmetic, task_sum, ties,
+                      ties_vector)
+from .quantile import AbsSelector, NonFiniteError, abs_quantiles, kth_smallest_abs
+from .sparsify import DARE, ChunkKey, Identity, Sparsifier, SparsifyStats, TADrop, TopK
+from .streamed import (MemorySink, MemorySource, MergeSpec, TensorPlan, TensorResult, TensorSink,
+                       TensorSource, global_pass_hi, global_pass_lo, global_values, merge_tensor,
+                       plan_tensor)
+# from .reference import MergeResult, merge_state_dicts, task_model
+
+__all__ = [
+    "AbsSelector", "NonFiniteError", "abs_quantiles", "kth_smallest_abs",
+    "Sparsifier", "SparsifyStats", "ChunkKey", "Identity", "TADrop", "TopK", "DARE",
+    "task_arithmetic", "task_sum", "ties", "ties_vector", "emr", "EMRChunk", "EMRPartials",
+    "emr_rescalers", "emr_task_model", "tall_masks", "tall_task_model", "consensus",
+    "consensus_mask",
+    "MergeSpec", "TensorSource", "TensorSink", "TensorPlan", "TensorResult", "MemorySource",
+    "MemorySink", "plan_tensor", "merge_tensor", "global_pass_hi", "global_pass_lo",
+    "global_values",
+    "MergeResult", "merge_state_dicts", "task_model", "release_scratch",
+]

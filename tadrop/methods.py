@@ -1,0 +1,189 @@
+"""Merge methods on one chunk with all K task vectors present (SPEC section 2).
+
+`taus` is float32 [K, *chunk], already through Phi and multiplied by the
+per-model weights; `base` is float32 [*chunk].  Results are float32 (the caller
+casts once).  Sums over tasks are float64 (added in task order), so every
+result depends on the element alone: chunking never changes a bit.  `out=`
+arguments let the engine reuse buffers; temporaries come from the scratch pool.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+from ._buffers import masked_sums64, row_sum_abs64, scratch, sum_tasks64
+
+
+def _flat_tasks(taus: torch.Tensor) -> torch.Tensor:
+    return taus.reshape(taus.shape[0], -1)
+
+
+def _out(out, shape, dtype, device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device) if out is None else out
+
+
+def _sum64(t2: torch.Tensor) -> torch.Tensor:
+    return sum_tasks64(t2, scratch("m.sum64", t2.shape[1], torch.float64, t2.device))
+
+
+def task_arithmetic(base, taus, lam, *, out=None) -> torch.Tensor:
+    """theta_0 + lam * sum_k tau'_k: the sum and the scaled add in float64, rounded once."""
+    S = _sum64(_flat_tasks(taus))
+    S.mul_(lam).add_(base.reshape(-1))
+    out = _out(out, base.shape, torch.float32, base.device)
+    out.reshape(-1).copy_(S)
+    return out
+
+
+def task_sum(taus, *, out=None) -> torch.Tensor:
+    """sum_k tau'_k (float64 sum, float32 result): TALL's tau_MTL for an inner task arithmetic."""
+    S = _sum64(_flat_tasks(taus))
+    out = _out(out, taus.shape[1:], torch.float32, taus.device)
+    out.reshape(-1).copy_(S)
+    return out
+
+
+def _sign32(S: torch.Tensor, name: str, strict: bool) -> torch.Tensor:
+    """float32 +-1: +1 where S > 0 (strict) or S >= 0, else -1."""
+    s = scratch(name, S.numel(), torch.float32, S.device)
+    (torch.gt if strict else torch.ge)(S, 0, out=s)
+    return s.mul_(2).sub_(1)
+
+
+def _ties_mean64(t2: torch.Tensor) -> torch.Tensor:
+    """TIES elect + disjoint mean, float64 [m] (scratch)."""
+    K, m = t2.shape
+    s = _sign32(_sum64(t2), "m.sign", strict=False)        # a zero sum elects +1
+    agree = torch.mul(t2, s, out=scratch("m.prod", K * m, torch.float32, t2.device).view(K, m))
+    agree.relu_()                                          # |tau'_k| where sign(tau'_k) = s, else 0
+    num = sum_tasks64(agree, scratch("m.num64", m, torch.float64, t2.device))
+    cnt = torch.sum(agree.sign_(), 0, out=scratch("m.cnt", m, torch.float32, t2.device))
+    return num.div_(cnt.clamp_(min=1)).mul_(s)             # zero where no task agrees
+
+
+def ties_vector(taus, *, out=None) -> torch.Tensor:
+    """TIES merged vector (no lambda, no base): sign s = sign(sum_k tau'_k) with 0 -> +1,
+    then the mean over the tasks whose tau'_k is nonzero with sign s (0 where none)."""
+    v = _ties_mean64(_flat_tasks(taus))
+    out = _out(out, taus.shape[1:], torch.float32, taus.device)
+    out.reshape(-1).copy_(v)
+    return out
+
+
+def ties(base, taus, lam, *, out=None) -> torch.Tensor:
+    """theta_0 + lam * ties_vector (in float64, rounded once)."""
+    v = _ties_mean64(_flat_tasks(taus))
+    v.mul_(lam).add_(base.reshape(-1))
+    out = _out(out, base.shape, torch.float32, base.device)
+    out.reshape(-1).copy_(v)
+    return out
+
+
+@dataclass
+class EMRChunk:
+    tau_uni: torch.Tensor        # float32 [*chunk]
+    masks: torch.Tensor          # bool [K, *chunk]
+    abs_tau_sum: torch.Tensor    # float64 [K]: sum |tau'_k| over the chunk
+    abs_uni_sum: torch.Tensor    # float64 [K]: sum |M_k tau_uni| over the chunk
+
+
+@dataclass(frozen=True)
+class EMRPartials:
+    """One tensor's contribution to the EMR rescalers (per task sums, float64)."""
+    abs_tau_sum: tuple[float, ...]
+    abs_uni_sum: tuple[float, ...]
+    numel: int
+
+
+def emr(taus, *, out_uni=None, out_masks=None) -> EMRChunk:
+    """EMR-Merging elect/mask/unify (official harveyhuang18/EMR_Merging `emr_merge`):
+    flag = +1 where sum_k tau'_k > 0 else -1; M_k = tau'_k * flag > 0 (strict);
+    tau_uni = flag * max_k |M_k tau'_k|."""
+    K = taus.shape[0]
+    t2 = _flat_tasks(taus)
+    m = t2.shape[1]
+    flag = _sign32(_sum64(t2), "m.sign", strict=True)      # a zero sum gives -1, as official
+    prod = torch.mul(t2, flag, out=scratch("m.prod", K * m, torch.float32, t2.device).view(K, m))
+    prod.relu_()                                           # |M_k tau'_k|
+    masks = _out(out_masks, taus.shape, torch.bool, taus.device)
+    torch.gt(prod, 0, out=masks.view(K, m))
+    abs_uni = scratch("m.absuni", m, torch.float32, t2.device)
+    if K:
+        abs_uni.copy_(prod[0])
+    else:
+        abs_uni.zero_()
+    for k in range(1, K):
+        torch.maximum(abs_uni, prod[k], out=abs_uni)
+    tau_uni = _out(out_uni, taus.shape[1:], torch.float32, taus.device)
+    torch.mul(abs_uni, flag, out=tau_uni.view(-1))
+    return EMRChunk(tau_uni, masks, row_sum_abs64(t2), masked_sums64(masks.view(K, m), abs_uni))
+
+
+def emr_rescalers(parts: Iterable[EMRPartials], mode: str = "official",
+                  task_names: Sequence[str] | None = None) -> tuple[list[float], list[str]]:
+    """lambda_k per task over the whole model.
+
+    official: sum_tensors mean|tau'_k| / sum_tensors mean|M_k tau_uni| (as the
+    official code: a sum of per-tensor means); global: sum|.| / sum|.| over the
+    flattened model.  Sums are exactly rounded (math.fsum), so the order of the
+    parts does not matter.  A zero denominator gives 0 and a warning.
+    """
+    if mode not in ("official", "global"):
+        raise ValueError(f"EMR rescaler {mode!r}: expected official|global")
+    parts = list(parts)
+    K = len(parts[0].abs_tau_sum) if parts else len(task_names or ())
+    names = list(task_names) if task_names is not None else [str(k) for k in range(K)]
+    lambdas, warnings = [], []
+    for k in range(K):
+        if mode == "official":
+            num = math.fsum(p.abs_tau_sum[k] / p.numel for p in parts if p.numel)
+            den = math.fsum(p.abs_uni_sum[k] / p.numel for p in parts if p.numel)
+        else:
+            num = math.fsum(p.abs_tau_sum[k] for p in parts)
+            den = math.fsum(p.abs_uni_sum[k] for p in parts)
+        if den == 0.0:
+            lambdas.append(0.0)
+            warnings.append(f"EMR task {names[k]!r}: the unified vector is zero on its mask "
+                            "(rescaler denominator 0); lambda set to 0")
+        else:
+            lambdas.append(num / den)
+    return lambdas, warnings
+
+
+def emr_task_model(base, tau_uni, mask_k, lambda_k) -> torch.Tensor:
+    """theta_0 + lambda_k * M_k * tau_uni (base kept bit-exact where the mask is off)."""
+    return torch.where(mask_k, base + tau_uni * lambda_k, base)
+
+
+def tall_masks(taus, tau_mtl, lambdas: Sequence[float], *, out=None) -> torch.Tensor:
+    """TALL masks (Wang et al. 2024, official nik-dim/tall_masks):
+    m_k = |tau'_k| > lambda_k * |tau_MTL - tau'_k| (strict), bool [K, *chunk]."""
+    K = taus.shape[0]
+    t2, mtl = _flat_tasks(taus), tau_mtl.reshape(-1)
+    m = mtl.numel()
+    out = _out(out, taus.shape, torch.bool, taus.device)
+    o2 = out.view(K, m)
+    diff = scratch("m.diff", m, torch.float32, mtl.device)
+    mag = scratch("m.mag", m, torch.float32, mtl.device)
+    for k in range(K):
+        torch.sub(mtl, t2[k], out=diff).abs_().mul_(float(lambdas[k]))
+        torch.gt(torch.abs(t2[k], out=mag), diff, out=o2[k])
+    return out
+
+
+def tall_task_model(base, tau_mtl, mask_k) -> torch.Tensor:
+    """theta_0 + m_k * tau_MTL."""
+    return torch.where(mask_k, base + tau_mtl, base)
+
+
+def consensus_mask(masks, k_min: int) -> torch.Tensor:
+    """Entries at least k_min tasks' TALL masks keep."""
+    return masks.sum(0) >= k_min
+
+
+def consensus(base, tau_mtl, masks, k_min: int, alpha: float) -> torch.Tensor:
+    """theta_0 + alpha * [sum_k m_k >= k_min] * tau_MTL (TALL paper's consensus merging)."""
+    return torch.where(consensus_mask(masks, k_min), base + tau_mtl * alpha, base)

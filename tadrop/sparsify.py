@@ -1,0 +1,348 @@
+"""The operator Phi applied to each task vector before merging (SPEC section 1).
+
+Each sparsifier is a frozen dataclass with three entry points:
+  - `fit(tau)` on a whole tensor, or `fit_streamed(chunks, numel)` over row
+    chunks (`chunks()` is called once per pass and yields the float32 pieces in
+    flat order; they give identical thresholds and kept counts),
+  - `apply(tau, stats, key)`: elementwise, in place on a float32 chunk whose
+    first element has flat index `key.offset`.
+`global_value` (scope 'model') replaces the per-tensor statistic by the task's
+model-wide one: TADrop's drop rate d, TopK's magnitude threshold.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Iterable
+
+import torch
+
+from ._buffers import scratch, sumsq64
+from .quantile import AbsSelector, prev_float32
+
+Chunks = Callable[[], Iterable[torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class SparsifyStats:
+    """What a fit found for one (tensor, task); None where a sparsifier has no such figure.
+
+    drop_rate: TADrop's d; TopK's realised fraction dropped; DARE's p.
+    k: entries the rule asks to drop; threshold: keep |tau| >= threshold.
+    kept: entries kept (|tau| >= threshold; ties at the boundary are kept).
+    norm_before = ||tau||_2, norm_after = ||Phi(tau)||_2 = scale * ||tau_hat||_2.
+    """
+    numel: int
+    q_a: float | None = None
+    q_b: float | None = None
+    drop_rate: float | None = None
+    k: int | None = None
+    threshold: float | None = None
+    norm_before: float | None = None
+    norm_after: float | None = None
+    scale: float | None = None
+    kept: int | None = None
+
+
+@dataclass(frozen=True)
+class ChunkKey:
+    """Identifies a chunk for seeded sparsifiers: offset = flat index of its first element."""
+    seed: int = 0
+    tensor: str = ""
+    task: str = ""
+    offset: int = 0
+
+
+def _flat(c: torch.Tensor) -> torch.Tensor:
+    return (c if c.dtype == torch.float32 else c.float()).reshape(-1)
+
+
+def _shrink(src: torch.Tensor, t: float, out: torch.Tensor) -> torch.Tensor:
+    """out = src where |src| >= t else 0, for a float32 threshold t > 0.
+
+    hardshrink zeroes |x| <= lambd; with lambd the float32 just below t that is
+    exactly |x| < t.  One fused pass, and it writes into `out` (may be `src`).
+    """
+    return torch.ops.aten.hardshrink.out(src, prev_float32(t), out=out)
+
+
+class Sparsifier:
+    """Base: Phi = identity on everything; subclasses override what they change."""
+    needs_fit: ClassVar[bool] = False
+    scope: str = "tensor"
+
+    def fit(self, tau: torch.Tensor, *, global_value: float | None = None) -> SparsifyStats:
+        return self.fit_streamed(lambda: (tau,), tau.numel(), global_value=global_value)
+
+    def fit_streamed(self, chunks: Chunks, numel: int, *,
+                     global_value: float | None = None) -> SparsifyStats:
+        return SparsifyStats(numel=numel)
+
+    def apply(self, tau: torch.Tensor, stats: SparsifyStats, key: ChunkKey) -> torch.Tensor:
+        return tau
+
+    def fit_apply_(self, tau: torch.Tensor, key: ChunkKey, *,
+                   global_value: float | None = None) -> SparsifyStats:
+        """fit + apply on a whole float32 tensor, in place (subclasses fuse the passes)."""
+        stats = self.fit(tau, global_value=global_value)
+        self.apply(tau, stats, key)
+        return stats
+
+    # model scope: which ranks of the task's model-wide |tau| are needed, and the value
+    def model_ranks(self, n: int) -> list[int]:
+        raise ValueError(f"{type(self).__name__} has no model scope")
+
+    def model_value(self, sel: AbsSelector) -> float:
+        raise ValueError(f"{type(self).__name__} has no model scope")
+
+
+@dataclass(frozen=True)
+class Identity(Sparsifier):
+    """Phi(tau) = tau."""
+
+
+def _lo_pass(sel: AbsSelector, chunks: Chunks) -> None:
+    if sel.needs_lo:
+        for c in chunks():
+            sel.add_lo(_flat(c))
+
+
+def _threshold(sel: AbsSelector, chunks: Chunks, rank: int) -> tuple[float, int]:
+    """(rank-th smallest |tau|, number of entries >= it)."""
+    sel.select([rank])
+    _lo_pass(sel, chunks)
+    return sel.value(rank), sel.n - sel.count_below(rank)
+
+
+@dataclass(frozen=True)
+class TADrop(Sparsifier):
+    """Tail-adaptive drop (arXiv 2508.06163), SPEC 1.
+
+    d = Q_a(|tau|) / (Q_b(|tau|) + eps) clamped to [0, 1]; k = floor(d n); keep
+    |tau| >= t, t the (k+1)-th smallest |tau| (k = 0 keeps all, k = n drops all:
+    there is no (n+1)-th value); then rescale: 'norm' tau_hat * ||tau|| /
+    (||tau_hat|| + eps), 'inverse_keep' tau_hat / (1 - d), 'none'.  d and
+    floor(d n) are float64 (float32 cannot even represent n > 2^24), computed
+    from the float32 quantiles; norms are float64 sums.  The rescale multiplies
+    by the float64 factor rounded to float32.  All-zero stays all-zero.
+    """
+    a: float = 0.50
+    b: float = 0.95
+    eps: float = 1e-12
+    rescale: str = "norm"
+    scope: str = "tensor"
+    needs_fit: ClassVar[bool] = True
+
+    def __post_init__(self):
+        if self.rescale not in ("norm", "none", "inverse_keep"):
+            raise ValueError(f"TADrop rescale {self.rescale!r}: expected norm|none|inverse_keep")
+        if self.scope not in ("tensor", "model"):
+            raise ValueError(f"TADrop scope {self.scope!r}: expected tensor|model")
+        if not (0.0 <= self.a <= 1.0 and 0.0 <= self.b <= 1.0):
+            raise ValueError("TADrop quantiles a, b must lie in [0, 1]")
+
+    def _d(self, qa: float, qb: float) -> float:
+        return min(max(qa / (qb + self.eps), 0.0), 1.0)
+
+    def model_ranks(self, n: int) -> list[int]:
+        sel = AbsSelector()
+        sel.n = n
+        return sel.quantile_ranks(self.a) + sel.quantile_ranks(self.b)
+
+    def model_value(self, sel: AbsSelector) -> float:
+        sel.select(self.model_ranks(sel.n))
+        return self._d(sel.quantile(self.a), sel.quantile(self.b))
+
+    def _bracket(self, sel: AbsSelector, n: int) -> list[int]:
+        """Buckets that can hold rank floor(d n), judged from the hi histogram alone,
+        so that one lo pass usually serves the quantiles and the threshold."""
+        def bounds(p):
+            lo, hi = sel.quantile_ranks(p)
+            return sel.bucket_bounds(sel._bucket(lo)[0])[0], sel.bucket_bounds(sel._bucket(hi)[0])[1]
+        (qa_lo, qa_hi), (qb_lo, qb_hi) = bounds(self.a), bounds(self.b)
+        k_lo = math.floor(self._d(qa_lo, qb_hi) * (1 - 1e-6) * n)
+        k_hi = min(math.floor(self._d(qa_hi, qb_lo) * (1 + 1e-6) * n) + 1, n - 1)
+        k_lo = max(k_lo - 1, 1)
+        if k_hi < k_lo:
+            return []
+        b_lo, b_hi = sel._bucket(k_lo)[0], sel._bucket(k_hi)[0]
+        buckets = [b for b in range(b_lo, b_hi + 1) if sel.bucket_count(b)]
+        total = sum(sel.bucket_count(b) for b in buckets)
+        return buckets if len(buckets) <= 8 and total <= max(1 << 16, n >> 5) else []
+
+    def _fit(self, chunks: Chunks, n: int, global_value, norm_of_kept) -> SparsifyStats:
+        sel, S = AbsSelector(), 0.0
+        for c in chunks():
+            c = _flat(c)
+            sel.add_hi(c)
+            S += sumsq64(c)
+        if n == 0:
+            return SparsifyStats(numel=0, drop_rate=0.0, k=0, threshold=0.0, norm_before=0.0,
+                                 norm_after=0.0, scale=1.0, kept=0)
+        qa = qb = None
+        if global_value is None:
+            sel.select(sel.quantile_ranks(self.a) + sel.quantile_ranks(self.b))
+            sel.select_buckets(self._bracket(sel, n))
+            _lo_pass(sel, chunks)
+            qa, qb = sel.quantile(self.a), sel.quantile(self.b)
+            d = self._d(qa, qb)
+        else:
+            d = min(max(float(global_value), 0.0), 1.0)
+        k = math.floor(d * n)
+        if k <= 0:
+            t, kept = 0.0, n
+        elif k >= n:
+            t, kept = math.inf, 0
+        else:
+            t, kept = _threshold(sel, chunks, k)
+        if kept == n:
+            S_hat = S
+        elif kept == 0:
+            S_hat = 0.0
+        else:
+            S_hat = norm_of_kept(t)
+        if self.rescale == "norm":
+            scale = math.sqrt(S) / (math.sqrt(S_hat) + self.eps)
+        elif self.rescale == "inverse_keep" and d < 1.0:
+            scale = 1.0 / (1.0 - d)
+        else:
+            scale = 1.0
+        return SparsifyStats(numel=n, q_a=qa, q_b=qb, drop_rate=d, k=k, threshold=t,
+                             norm_before=math.sqrt(S), norm_after=scale * math.sqrt(S_hat),
+                             scale=scale, kept=kept)
+
+    def fit_streamed(self, chunks, numel, *, global_value=None):
+        def norm_of_kept(t):
+            S_hat = 0.0
+            for c in chunks():
+                c = _flat(c)
+                S_hat += sumsq64(_shrink(c, t, scratch("phi.f32", c.numel(), torch.float32, c.device)))
+            return S_hat
+        return self._fit(chunks, numel, global_value, norm_of_kept)
+
+    def fit_apply_(self, tau, key, *, global_value=None):
+        flat = tau.view(-1)
+
+        def norm_of_kept(t):  # drop in place now; the rescale follows below
+            _shrink(flat, t, flat)
+            return sumsq64(flat)
+        stats = self._fit(lambda: (flat,), flat.numel(), global_value, norm_of_kept)
+        if stats.kept == 0:
+            flat.zero_()
+        if stats.scale != 1.0:
+            flat.mul_(stats.scale)
+        return stats
+
+    def apply(self, tau, stats, key):
+        if stats.kept == 0:
+            return tau.zero_()
+        if stats.kept != stats.numel and stats.threshold > 0:
+            _shrink(tau, stats.threshold, tau)
+        if stats.scale != 1.0:
+            tau.mul_(stats.scale)
+        return tau
+
+
+@dataclass(frozen=True)
+class TopK(Sparsifier):
+    """Magnitude top-k (TIES' trim), SPEC 1: keep the max(1, floor(density n))
+    largest |tau|, ties at the boundary kept (|tau| >= t), no rescale.  Scope
+    'model' uses one threshold per task over the whole flattened model (official
+    TIES); then `global_value` is that threshold."""
+    density: float = 0.2
+    scope: str = "tensor"
+    needs_fit: ClassVar[bool] = True
+
+    def __post_init__(self):
+        if not 0.0 <= self.density <= 1.0:
+            raise ValueError(f"TopK density {self.density} outside [0, 1]")
+        if self.scope not in ("tensor", "model"):
+            raise ValueError(f"TopK scope {self.scope!r}: expected tensor|model")
+
+    def _rank(self, n: int) -> int:
+        return n - max(1, math.floor(self.density * n))
+
+    def model_ranks(self, n: int) -> list[int]:
+        return [self._rank(n)]
+
+    def model_value(self, sel: AbsSelector) -> float:
+        r = self._rank(sel.n)
+        sel.select([r])
+        return sel.value(r)
+
+    def fit_streamed(self, chunks, numel, *, global_value=None):
+        n = numel
+        if n == 0:
+            return SparsifyStats(numel=0, drop_rate=0.0, k=0, threshold=0.0, kept=0)
+        if global_value is None:
+            sel = AbsSelector()
+            for c in chunks():
+                sel.add_hi(_flat(c))
+            k = self._rank(n)
+            t, kept = _threshold(sel, chunks, k)
+        else:
+            k, t, kept = None, float(global_value), 0
+            for c in chunks():
+                c = _flat(c)
+                if t <= 0:
+                    kept += c.numel()
+                else:
+                    a = torch.abs(c, out=scratch("phi.f32", c.numel(), torch.float32, c.device))
+                    kept += int(torch.count_nonzero(a >= t))
+        return SparsifyStats(numel=n, drop_rate=(n - kept) / n, k=k, threshold=t, kept=kept)
+
+    def apply(self, tau, stats, key):
+        if stats.threshold > 0:
+            _shrink(tau, stats.threshold, tau)
+        return tau
+
+
+def _block_seed(seed: int, tensor: str, task: str, block: int) -> int:
+    h = hashlib.blake2b(repr((int(seed), tensor, task, int(block))).encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+
+
+DARE_BLOCK = 1 << 16
+
+
+@dataclass(frozen=True)
+class DARE(Sparsifier):
+    """Drop each entry with probability p, divide survivors by (1 - p) (SPEC 1).
+
+    The uniform stream is cut in fixed blocks of 2^16 flat elements; block b is
+    drawn on CPU by a torch.Generator seeded with a hash of (seed, tensor, task,
+    b), then moved to the device.  The bits therefore depend on the element's
+    flat index only: never on call order, chunking or device.  `seed` None uses
+    the run seed carried by the ChunkKey.  Entry dropped iff u < p (u, p float32).
+    """
+    p: float = 0.5
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not 0.0 <= self.p < 1.0:
+            raise ValueError(f"DARE p={self.p} must lie in [0, 1)")
+
+    def fit_streamed(self, chunks, numel, *, global_value=None):
+        return SparsifyStats(numel=numel, drop_rate=self.p)
+
+    def keep_mask(self, key: ChunkKey, m: int) -> torch.Tensor:
+        """float32 [m] on CPU: 1 where the entries key.offset .. key.offset+m-1 survive."""
+        seed = key.seed if self.seed is None else self.seed
+        off = key.offset
+        b0, b1 = off // DARE_BLOCK, (off + m - 1) // DARE_BLOCK
+        u = scratch("dare.u", (b1 - b0 + 1) * DARE_BLOCK, torch.float32, "cpu")
+        for b in range(b0, b1 + 1):
+            g = torch.Generator().manual_seed(_block_seed(seed, key.tensor, key.task, b))
+            i = (b - b0) * DARE_BLOCK
+            torch.rand(DARE_BLOCK, generator=g, out=u[i:i + DARE_BLOCK])
+        s = off - b0 * DARE_BLOCK
+        return torch.ge(u[s:s + m], self.p, out=scratch("dare.keep", m, torch.float32, "cpu"))
+
+    def apply(self, tau, stats, key):
+        flat = tau.view(-1)
+        if self.p == 0.0 or flat.numel() == 0:
+            return tau
+        keep = self.keep_mask(key, flat.numel()).to(flat.device)
+        flat.mul_(keep).div_(1.0 - self.p)
+        return tau

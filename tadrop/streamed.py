@@ -1,0 +1,448 @@
+"""The per-tensor engine: Phi + a merge method over row chunks with bounded memory.
+
+One call of `merge_tensor` handles one tensor name for all K tasks:
+  pass 1  per task, fit Phi: on the whole tau_k when it fits the budget, else
+          streamed over row chunks (hi histogram + ||tau||^2, lo histogram,
+          ||tau_hat||^2).  When all K fitted tau'_k fit the budget they are kept,
+          and the tensor is read exactly once.
+  pass 2  over row chunks, all K task chunks in one reused float32 [K, rows, ...]
+          buffer: tau_k = theta_k - theta_0, Phi, weights, the combine, and the
+          sink's merged/unified/masks writes; stats rows and EMR partials are
+          accumulated on the way.
+Sources hand out rows in their stored dtype (often zero-copy mmap views): the
+engine only ever reads them, converting into its own float32 buffers on
+`device`.  Streamed and whole runs give bit-identical masks and values equal
+up to float32 rounding (only the float64 norm sums see the chunking).
+Model scope adds two statistics passes (`global_pass_hi`, `global_pass_lo`)
+whose per-tensor selectors the caller merges per task (`AbsSelector.merge`)
+before `global_values`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import torch
+
+from . import methods as M
+from ._buffers import scratch
+from .quantile import AbsSelector, NonFiniteError
+from .sparsify import ChunkKey, Identity, Sparsifier, SparsifyStats, TopK
+
+METHODS = ("task_arithmetic", "ties", "emr", "tall_masks", "consensus")
+_DEFAULT_LAM = {"task_arithmetic": 0.3, "ties": 1.0}
+_OUTPUTS = {
+    "task_arithmetic": frozenset({"merged"}),
+    "ties": frozenset({"merged"}),
+    "emr": frozenset({"unified", "masks"}),
+    "tall_masks": frozenset({"unified", "masks"}),
+    "consensus": frozenset({"merged", "masks"}),
+}
+_FIXED_BYTES = 16 << 20   # float64 blocks, histograms, DARE stream: independent of the tensor
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """Everything the maths needs to merge one tensor (SPEC section 2 defaults).
+
+    sparsifier None -> the method's default Phi (ties: TopK(0.2), else Identity);
+    lam None -> 0.3 (task_arithmetic) / 1.0 (ties); weights None -> all 1;
+    tall_lambdas may be one float for every task.
+    """
+    method: str
+    sparsifier: Sparsifier | None = None
+    task_names: tuple[str, ...] = ()
+    weights: tuple[float, ...] | None = None
+    lam: float | None = None
+    emr_rescaler: str = "official"
+    tall_lambdas: tuple[float, ...] | float = 0.4
+    tall_inner: str = "task_arithmetic"
+    consensus_k_min: int = 2
+    consensus_alpha: float = 0.3
+    consensus_inner: str = "task_arithmetic"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown merge method {self.method!r}; expected one of {METHODS}")
+        K = len(self.task_names)
+        put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        put("task_names", tuple(self.task_names))
+        if self.sparsifier is None:
+            put("sparsifier", TopK(0.2) if self.method == "ties" else Identity())
+        if self.lam is None:
+            put("lam", _DEFAULT_LAM.get(self.method))
+        put("weights", (1.0,) * K if self.weights is None else tuple(float(w) for w in self.weights))
+        tl = self.tall_lambdas
+        put("tall_lambdas", (float(tl),) * K if isinstance(tl, (int, float)) else tuple(map(float, tl)))
+        if len(self.weights) != K or len(self.tall_lambdas) != K:
+            raise ValueError("weights and tall_lambdas need one entry per task")
+        for attr in ("tall_inner", "consensus_inner"):
+            if getattr(self, attr) not in ("task_arithmetic", "ties"):
+                raise ValueError(f"{attr} must be task_arithmetic or ties")
+        if self.emr_rescaler not in ("official", "global"):
+            raise ValueError("emr_rescaler must be official or global")
+
+    @property
+    def K(self) -> int:
+        return len(self.task_names)
+
+    @property
+    def outputs(self) -> frozenset:
+        """Which of 'merged', 'unified', 'masks' this method writes."""
+        return _OUTPUTS[self.method]
+
+
+class TensorSource(Protocol):
+    """Rows of the base and task tensors of one name.  0-d tensors have 1 row of 1."""
+    shape: tuple
+    rows: int
+    row_numel: int
+
+    def base(self, r0: int, r1: int) -> torch.Tensor: ...     # stored dtype, read only
+    def task(self, k: int, r0: int, r1: int) -> torch.Tensor: ...
+
+
+class TensorSink(Protocol):
+    """Receives float32/bool rows on the engine's device; the tensors are reused
+    buffers: consume (cast, copy, write) before returning."""
+    def merged(self, r0: int, r1: int, theta: torch.Tensor) -> None: ...
+    def unified(self, r0: int, r1: int, vec: torch.Tensor) -> None: ...
+    def masks(self, r0: int, r1: int, masks: torch.Tensor) -> None: ...   # bool [K, r1-r0, *rest]
+
+
+def _geometry(shape) -> tuple[int, int, int]:
+    """(numel, rows, row_numel) of a tensor shape; a 0-d tensor is one row of one."""
+    shape = tuple(shape)
+    n = math.prod(shape)
+    if not shape:
+        return 1, 1, 1
+    return n, shape[0], math.prod(shape[1:])
+
+
+def _rows_shape(shape, r0: int, r1: int) -> tuple:
+    return tuple(shape) if len(shape) == 0 else (r1 - r0, *shape[1:])
+
+
+class MemorySource:
+    """A TensorSource over in-memory tensors (tests, benchmarks, the reference)."""
+
+    def __init__(self, base: torch.Tensor, tasks: Sequence[torch.Tensor]):
+        self._base, self._tasks = base, list(tasks)
+        self.shape = tuple(base.shape)
+        _, self.rows, self.row_numel = _geometry(self.shape)
+
+    def _rows(self, t, r0, r1):
+        return (t.reshape(1) if t.dim() == 0 else t)[r0:r1]
+
+    def base(self, r0, r1):
+        return self._rows(self._base, r0, r1)
+
+    def task(self, k, r0, r1):
+        return self._rows(self._tasks[k], r0, r1)
+
+
+class MemorySink:
+    """A TensorSink that assembles the outputs in memory (float32 / bool, on CPU)."""
+
+    def __init__(self, shape, K: int):
+        self.shape, self.K = tuple(shape), K
+        self.merged_t = self.unified_t = self.masks_t = None
+
+    def _put(self, dst, r0, r1, src):
+        if len(self.shape) == 0:
+            dst.copy_(src.reshape(dst.shape))
+        else:
+            dst[r0:r1].copy_(src)
+
+    def merged(self, r0, r1, theta):
+        if self.merged_t is None:
+            self.merged_t = torch.empty(self.shape, dtype=torch.float32)
+        self._put(self.merged_t, r0, r1, theta)
+
+    def unified(self, r0, r1, vec):
+        if self.unified_t is None:
+            self.unified_t = torch.empty(self.shape, dtype=torch.float32)
+        self._put(self.unified_t, r0, r1, vec)
+
+    def masks(self, r0, r1, masks):
+        if self.masks_t is None:
+            self.masks_t = torch.empty((self.K, *self.shape), dtype=torch.bool)
+        if len(self.shape) == 0:
+            self.masks_t.copy_(masks.reshape(self.K))
+        else:
+            self.masks_t[:, r0:r1].copy_(masks)
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    chunk_rows: int      # rows per chunk of pass 2 (== rows: everything read once)
+    fit_whole: bool      # Phi is fitted on the whole tau_k (else streamed over chunks)
+    est_bytes: int       # the engine's peak working memory for this plan
+
+
+def _bytes_per_element(spec: MergeSpec, K: int) -> int:
+    """Engine buffers per element of a chunk: taus, base, outputs, the method's temporaries."""
+    inner_ties = 4 * K + 16
+    per = {
+        "task_arithmetic": 4 * K + 24,
+        "ties": 8 * K + 40,
+        "emr": 8 * K + K + 32,
+        "tall_masks": 4 * K + K + 40 + (inner_ties if spec.tall_inner == "ties" else 0),
+        "consensus": 4 * K + K + 44 + (inner_ties if spec.consensus_inner == "ties" else 0),
+    }[spec.method]
+    if spec.sparsifier.needs_fit:
+        per += 9          # hi codes (int32), lo selection mask (bool), a float32 scratch
+    return per + 8        # DARE / mask-count slack
+
+
+def plan_tensor(spec: MergeSpec, shape, K: int, budget_bytes: int, *, name: str | None = None) -> TensorPlan:
+    """Largest chunk (in rows) that keeps the engine within `budget_bytes`.
+
+    Everything in one chunk when it fits (single read); else the fit runs on the
+    whole tau_k when that needs at most half the budget, streamed otherwise.
+    Raises ValueError naming the tensor when not even one row fits.
+    """
+    n, rows, rn = _geometry(shape)
+    per = _bytes_per_element(spec, K)
+    whole = n * per + _FIXED_BYTES
+    if whole <= budget_bytes or rows <= 1 or n == 0:
+        if whole > budget_bytes:
+            raise ValueError(f"tensor {name or '?'} {tuple(shape)}: one row needs {whole} bytes "
+                             f"with K={K}, over the memory budget of {budget_bytes} bytes")
+        return TensorPlan(max(rows, 1), True, whole)
+    fit_bytes = 13 * n if spec.sparsifier.needs_fit else 0   # tau_k + codes + mask + scratch
+    fit_whole = spec.sparsifier.needs_fit and fit_bytes + _FIXED_BYTES <= budget_bytes // 2
+    left = budget_bytes - _FIXED_BYTES - (fit_bytes if fit_whole else 0)
+    chunk_rows = min(rows, left // (rn * per)) if left > 0 else 0
+    if chunk_rows < 1:
+        raise ValueError(f"tensor {name or '?'} {tuple(shape)}: one row of {rn} elements needs "
+                         f"{rn * per + _FIXED_BYTES} bytes with K={K}, over the memory budget "
+                         f"of {budget_bytes} bytes")
+    est = _FIXED_BYTES + (fit_bytes if fit_whole else 0) + chunk_rows * rn * per
+    return TensorPlan(int(chunk_rows), bool(fit_whole), int(est))
+
+
+@dataclass
+class TensorResult:
+    stats: list[dict]                       # one row per task (SPEC 4 stats columns)
+    emr: M.EMRPartials | None = None        # EMR rescaler partial sums of this tensor
+    warnings: list[str] = field(default_factory=list)
+
+
+class _Reader:
+    """Loads float32 tau chunks of one tensor into the engine's buffers, checking finiteness."""
+
+    def __init__(self, name, src, spec, device):
+        self.name, self.src, self.spec, self.device = name, src, spec, torch.device(device)
+        self.n, self.rows, self.rn = _geometry(src.shape)
+
+    def _check(self, t: torch.Tensor, who: str):
+        if t.numel() and not math.isfinite(float(torch.sum(t))):   # cheap test; exact one below
+            if not bool(torch.isfinite(t).all()):
+                raise NonFiniteError(f"tensor {self.name!r}, {who}: non-finite values (NaN/Inf "
+                                     "in the checkpoint or theta_k - theta_0 overflowing float32)")
+
+    def base(self, r0, r1, out):
+        out.copy_(self.src.base(r0, r1).reshape(-1))
+        self._check(out, "base model")
+        return out
+
+    def tau(self, k, r0, r1, base, out):
+        out.copy_(self.src.task(k, r0, r1).reshape(-1))
+        out.sub_(base)
+        self._check(out, f"task {self.spec.task_names[k]!r}")
+        return out
+
+    def chunks(self, k, chunk_rows):
+        """Callable yielding tau_k chunk by chunk (each valid until the next one)."""
+        cap = min(chunk_rows, self.rows) * self.rn
+
+        def gen():
+            bb = scratch("eng.gbase", cap, torch.float32, self.device)
+            tb = scratch("eng.gtau", cap, torch.float32, self.device)
+            for r0 in range(0, self.rows, chunk_rows):
+                r1 = min(self.rows, r0 + chunk_rows)
+                m = (r1 - r0) * self.rn
+                b = self.base(r0, r1, bb[:m])
+                yield self.tau(k, r0, r1, b, tb[:m])
+        return gen
+
+
+def _named(fn, name, task):
+    try:
+        return fn()
+    except NonFiniteError as e:
+        if repr(name) in str(e):
+            raise
+        raise NonFiniteError(f"tensor {name!r}, task {task!r}: {e}") from None
+
+
+def _stats_row(name, task, st: SparsifyStats, mask_density):
+    return {"tensor": name, "task": task, "numel": st.numel, "q_a": st.q_a, "q_b": st.q_b,
+            "drop_rate": st.drop_rate, "kept": st.kept, "norm_before": st.norm_before,
+            "norm_after": st.norm_after, "mask_density": mask_density}
+
+
+class _Combiner:
+    """Runs the merge method on [K, m] chunks, feeding the sink and accumulating sums."""
+
+    def __init__(self, spec: MergeSpec, shape, device):
+        self.spec, self.shape, self.device = spec, tuple(shape), device
+        K = spec.K
+        self.mask_counts = [0] * K
+        self.abs_tau = [0.0] * K
+        self.abs_uni = [0.0] * K
+
+    def _mtl(self, taus, inner, m):
+        out = scratch("eng.uni", m, torch.float32, self.device)
+        return (M.ties_vector if inner == "ties" else M.task_sum)(taus, out=out)
+
+    def _count(self, masks):
+        for k, c in enumerate(masks.sum(1).tolist()):
+            self.mask_counts[k] += c
+
+    def __call__(self, r0, r1, taus, base, sink):
+        spec, K, m = self.spec, self.spec.K, base.numel()
+        rs = _rows_shape(self.shape, r0, r1)
+        method = spec.method
+        if method in ("task_arithmetic", "ties"):
+            out = scratch("eng.out", m, torch.float32, self.device)
+            (M.task_arithmetic if method == "task_arithmetic" else M.ties)(base, taus, spec.lam, out=out)
+            sink.merged(r0, r1, out.view(rs))
+            return
+        masks = scratch("eng.masks", K * m, torch.bool, self.device).view(K, m)
+        if method == "emr":
+            uni = scratch("eng.uni", m, torch.float32, self.device)
+            ch = M.emr(taus, out_uni=uni, out_masks=masks)
+            for k in range(K):
+                self.abs_tau[k] += float(ch.abs_tau_sum[k])
+                self.abs_uni[k] += float(ch.abs_uni_sum[k])
+            sink.unified(r0, r1, uni.view(rs))
+        else:
+            inner = spec.tall_inner if method == "tall_masks" else spec.consensus_inner
+            uni = self._mtl(taus, inner, m)
+            M.tall_masks(taus, uni, spec.tall_lambdas, out=masks)
+            if method == "tall_masks":
+                sink.unified(r0, r1, uni.view(rs))
+            else:
+                out = M.consensus(base, uni, masks, spec.consensus_k_min, spec.consensus_alpha)
+                sink.merged(r0, r1, out.view(rs))
+        self._count(masks)
+        sink.masks(r0, r1, masks.view(K, *rs))
+
+
+def merge_tensor(spec: MergeSpec, name: str, src: TensorSource, sink: TensorSink, plan: TensorPlan,
+                 global_values: Sequence[float] | None = None, device="cpu") -> TensorResult:
+    """Merges one tensor (all K tasks) chunk by chunk; returns its stats rows and EMR partials."""
+    K, phi, dev = spec.K, spec.sparsifier, torch.device(device)
+    rd = _Reader(name, src, spec, dev)
+    n, rows, rn = rd.n, rd.rows, rd.rn
+    if phi.needs_fit and phi.scope == "model" and global_values is None:
+        raise ValueError(f"tensor {name!r}: a model-scope sparsifier needs global_values")
+    gv = list(global_values) if global_values is not None else [None] * K
+    key = lambda k, off: ChunkKey(spec.seed, name, spec.task_names[k], off)  # noqa: E731
+    comb = _Combiner(spec, src.shape, dev)
+    stats: list[SparsifyStats | None] = [None] * K
+    cr = max(1, min(plan.chunk_rows, rows))
+    cap = cr * rn
+
+    def weigh(k, t):
+        if spec.weights[k] != 1.0:
+            t.mul_(spec.weights[k])
+
+    if n == 0:
+        stats = [phi.fit_streamed(lambda: (), 0) for _ in range(K)]
+    elif cr >= rows:                                    # single read: fit and combine in place
+        taus = scratch("eng.taus", K * n, torch.float32, dev).view(K, n)
+        base = rd.base(0, rows, scratch("eng.base", n, torch.float32, dev))
+        for k in range(K):
+            task = spec.task_names[k]
+            t = rd.tau(k, 0, rows, base, taus[k])
+            stats[k] = _named(lambda: phi.fit_apply_(t, key(k, 0), global_value=gv[k]), name, task)
+            weigh(k, t)
+        comb(0, rows, taus, base, sink)
+    else:
+        for k in range(K):
+            task = spec.task_names[k]
+            if not phi.needs_fit:
+                stats[k] = phi.fit_streamed(lambda: (), n)
+            elif plan.fit_whole:
+                whole = scratch("eng.whole", n, torch.float32, dev)
+                i = 0
+                for c in rd.chunks(k, cr)():
+                    whole[i:i + c.numel()].copy_(c)
+                    i += c.numel()
+                stats[k] = _named(lambda: phi.fit(whole, global_value=gv[k]), name, task)
+            else:
+                stats[k] = _named(lambda: phi.fit_streamed(rd.chunks(k, cr), n, global_value=gv[k]),
+                                  name, task)
+        taus_buf = scratch("eng.taus", K * cap, torch.float32, dev).view(K, cap)
+        base_buf = scratch("eng.base", cap, torch.float32, dev)
+        for r0 in range(0, rows, cr):
+            r1 = min(rows, r0 + cr)
+            m = (r1 - r0) * rn
+            base = rd.base(r0, r1, base_buf[:m])
+            taus = taus_buf[:, :m]
+            for k in range(K):
+                t = rd.tau(k, r0, r1, base, taus[k])
+                phi.apply(t, stats[k], key(k, r0 * rn))
+                weigh(k, t)
+            comb(r0, r1, taus, base, sink)
+    has_masks = "masks" in spec.outputs
+    rows_out = [_stats_row(name, spec.task_names[k], stats[k],
+                           (comb.mask_counts[k] / n if n else 0.0) if has_masks else None)
+                for k in range(K)]
+    emr = M.EMRPartials(tuple(comb.abs_tau), tuple(comb.abs_uni), n) if spec.method == "emr" else None
+    return TensorResult(rows_out, emr)
+
+
+# ---- model scope ------------------------------------------------------------------
+
+def _global_phi(spec: MergeSpec) -> Sparsifier:
+    phi = spec.sparsifier
+    if not (phi.needs_fit and phi.scope == "model"):
+        raise ValueError("model-scope passes need a TADrop/TopK sparsifier with scope 'model'")
+    return phi
+
+
+def global_pass_hi(spec: MergeSpec, name: str, src: TensorSource, plan: TensorPlan,
+                   device="cpu") -> list[AbsSelector]:
+    """Per task: this tensor's hi histogram of |tau_k| (merge them per task over the model)."""
+    _global_phi(spec)
+    rd = _Reader(name, src, spec, device)
+    out = []
+    for k in range(spec.K):
+        sel = AbsSelector()
+
+        def run():
+            if rd.n:
+                for c in rd.chunks(k, max(1, plan.chunk_rows))():
+                    sel.add_hi(c)
+        _named(run, name, spec.task_names[k])
+        out.append(sel)
+    return out
+
+
+def global_pass_lo(spec: MergeSpec, name: str, src: TensorSource, plan: TensorPlan,
+                   selectors: Sequence[AbsSelector], device="cpu") -> list[AbsSelector]:
+    """Per task: this tensor's lo counts for the buckets the task's model-wide ranks
+    need; `selectors` are the merged hi selectors (not modified).  Merge the
+    returned parts into them, then call `global_values`."""
+    phi = _global_phi(spec)
+    rd = _Reader(name, src, spec, device)
+    out = []
+    for k in range(spec.K):
+        part = selectors[k].lo_part(phi.model_ranks(selectors[k].n))
+        if rd.n and part.needs_lo:
+            for c in rd.chunks(k, max(1, plan.chunk_rows))():
+                part.add_lo(c)
+        out.append(part)
+    return out
+
+
+def global_values(spec: MergeSpec, selectors: Sequence[AbsSelector]) -> list[float]:
+    """Per task: TADrop's model-wide drop rate d, or TopK's model-wide threshold."""
+    phi = _global_phi(spec)
+    return [phi.model_value(s) for s in selectors]
