@@ -9,9 +9,10 @@ from .methods import (EMRChunk, EMRPartials, consensus, consensus_mask, emr, emr
 from .quantile import AbsSelector, NonFiniteError, abs_quantiles, kth_smallest_abs
 from .sparsify import DARE, ChunkKey, Identity, Sparsifier, SparsifyStats, TADrop, TopK
 from .streamed import (MemorySink, MemorySource, MergeSpec, TensorPlan, TensorResult, TensorSink,
-                       TensorSource, global_pass_hi, global_pass_lo, global_values, merge_tensor,
+                       TensorSource, global_pass_hi, global_pass_lo, global_select, global_values,
+                       merge_tensor,
                        plan_tensor)
-# from .reference import MergeResult, merge_state_dicts, task_model
+from .reference import MergeResult, merge_state_dicts, task_model
 
 __all__ = [
     "AbsSelector", "NonFiniteError", "abs_quantiles", "kth_smallest_abs",
@@ -20,7 +21,7 @@ __all__ = [
     "emr_rescalers", "emr_task_model", "tall_masks", "tall_task_model", "consensus",
     "consensus_mask",
     "MergeSpec", "TensorSource", "TensorSink", "TensorPlan", "TensorResult", "MemorySource",
-    "MemorySink", "plan_tensor", "merge_tensor", "global_pass_hi", "global_pass_lo",
+    "MemorySink", "plan_tensor", "merge_tensor", "global_pass_hi", "global_pass_lo", "global_select",
     "global_values",
     "MergeResult", "merge_state_dicts", "task_model", "release_scratch",
 ]

@@ -3,25 +3,20 @@
 Why: on the machines we run on, first touch of freshly allocated memory is far
 slower than the arithmetic itself, so hot paths borrow named buffers that are
 kept between calls (per thread, per device) instead of allocating.  And SPEC
-asks for sums of many terms in float64: converting a whole tensor to float64
-would double its memory, so the sums below convert fixed-size blocks into a
-reused float64 buffer and reduce those.
+asks for sums of many terms in float64, which must not depend on how a tensor
+was cut into chunks (see Sum64).
 
 A borrowed buffer is valid until the next `scratch` call with the same name in
 the same thread; callers pick distinct names for buffers alive at the same time.
 """
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
 
 _local = threading.local()
-
-# Block length of the float64 reductions: large enough that the Python loop costs
-# nothing, small enough (2 MiB of float64) to stay near the caches.
-BLOCK = 1 << 18
-
 
 def scratch(name: str, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
     """A 1-D tensor of `numel` elements (uninitialised), reused across calls."""
@@ -48,62 +43,104 @@ def scratch_bytes() -> int:
     return sum(b.numel() * b.element_size() for b in pool.values() if b is not None)
 
 
-def _blocks(n: int):
-    for i in range(0, n, BLOCK):
-        yield i, min(n, i + BLOCK)
+SUM_BLOCK = 1 << 12          # float64 sums: fixed blocks of the flat index
+_SUM_BATCH = 64              # blocks converted to float64 at a time
+
+
+def _block_sums(buf: torch.Tensor) -> torch.Tensor:
+    """Row sums of a float64 [nb, SUM_BLOCK] buffer by pairwise halving, in place.
+
+    Elementwise adds only: the result depends on the row's values alone (not on
+    nb, threads or device), which is what makes `Sum64` chunking-invariant.
+    """
+    s = buf.shape[1] // 2
+    while s >= 1:
+        buf[:, :s] += buf[:, s:2 * s]
+        s //= 2
+    return buf[:, 0]
+
+
+class Sum64:
+    """Float64 sum of x (or x**2) over float32 pieces fed in flat order.
+
+    Why not `torch.sum(dtype=float64)`: that converts the whole input first and
+    its rounding depends on how the stream was cut.  Here the flat index space
+    is cut in fixed blocks of SUM_BLOCK elements (a piece's ragged ends are
+    carried over to the next piece), each block is summed by pairwise halving
+    in float64 (squares of float32 values are exact in float64), and the block
+    sums are added with math.fsum.  So a tensor gives the same bits whether it
+    arrives whole or in row chunks of any size: streamed == whole, bit for bit.
+    """
+
+    def __init__(self, device="cpu", square: bool = False):
+        self.device, self.square = torch.device(device), square
+        self._tail = torch.zeros(SUM_BLOCK, dtype=torch.float64, device=self.device)
+        self._fill = 0
+        self._parts: list[torch.Tensor] = []
+
+    def _prep(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        dst.copy_(src)
+        if self.square:
+            dst.mul_(dst)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1)
+        n, i, B = x.numel(), 0, SUM_BLOCK
+        if self._fill:
+            take = min(B - self._fill, n)
+            self._prep(self._tail[self._fill:self._fill + take], x[:take])
+            self._fill += take
+            i = take
+            if self._fill == B:
+                self._parts.append(_block_sums(self._tail.view(1, B)).clone())
+                self._tail.zero_()
+                self._fill = 0
+        nfull = (n - i) // B
+        if nfull:
+            batch = min(nfull, _SUM_BATCH)
+            buf = scratch("sum64.buf", batch * B, torch.float64, self.device)
+            for j in range(0, nfull, batch):
+                nb = min(batch, nfull - j)
+                b = buf[: nb * B].view(nb, B)
+                self._prep(b, x[i + j * B:i + (j + nb) * B].view(nb, B))
+                self._parts.append(_block_sums(b).clone())
+            i += nfull * B
+        if i < n:
+            self._prep(self._tail[: n - i], x[i:])
+            self._fill = n - i
+
+    def value(self) -> float:
+        parts = list(self._parts)
+        if self._fill:
+            t = self._tail.clone()
+            t[self._fill:] = 0
+            parts.append(_block_sums(t.view(1, -1)))
+        if not parts:
+            return 0.0
+        return math.fsum(torch.cat(parts).tolist())
 
 
 def sumsq64(x: torch.Tensor) -> float:
-    """sum(x**2) with exact float64 squares and float64 accumulation."""
-    x = x.reshape(-1)
-    acc = torch.zeros((), dtype=torch.float64, device=x.device)
-    buf = scratch("f64.a", min(BLOCK, x.numel()), torch.float64, x.device)
-    for i, j in _blocks(x.numel()):
-        b = buf[: j - i]
-        b.copy_(x[i:j])
-        acc += torch.dot(b, b)
-    return float(acc)
+    """sum(x**2) in float64, chunking-invariant (see Sum64)."""
+    s = Sum64(x.device, square=True)
+    s.add(x)
+    return s.value()
 
 
 def sum_abs64(x: torch.Tensor) -> float:
-    """sum(|x|) accumulated in float64."""
-    x = x.reshape(-1)
-    acc = torch.zeros((), dtype=torch.float64, device=x.device)
-    buf = scratch("f64.a", min(BLOCK, x.numel()), torch.float64, x.device)
-    for i, j in _blocks(x.numel()):
-        b = buf[: j - i]
-        b.copy_(x[i:j])
-        acc += b.abs_().sum()
-    return float(acc)
-
-
-def row_sum_abs64(x: torch.Tensor) -> torch.Tensor:
-    """Per-row sum(|x[k]|) of a [K, m] tensor, float64 [K]."""
-    return torch.tensor([sum_abs64(x[k]) for k in range(x.shape[0])], dtype=torch.float64)
-
-
-def masked_sums64(masks: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """sum over elements of masks[k] * v for each k, float64 [K] (masks bool [K, m], v [m])."""
-    K, m = masks.shape
-    acc = torch.zeros(K, dtype=torch.float64, device=v.device)
-    blk = max(1, min(BLOCK // max(K, 1), m))
-    vb = scratch("f64.a", blk, torch.float64, v.device)
-    mb = scratch("f64.b", K * blk, torch.float64, v.device)
-    for i in range(0, m, blk):
-        j = min(m, i + blk)
-        w = j - i
-        vb[:w].copy_(v[i:j])
-        mk = mb[: K * w].view(K, w)
-        mk.copy_(masks[:, i:j])
-        acc += torch.mv(mk, vb[:w])
-    return acc.cpu()
+    """sum(|x|) in float64, chunking-invariant (see Sum64)."""
+    s = Sum64(x.device)
+    s.add(torch.abs(x.reshape(-1), out=scratch("sum64.abs", x.numel(), torch.float32, x.device)))
+    return s.value()
 
 
 def sum_tasks64(taus: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out (float64 [m]) = sum over k of taus[k] (float32 [K, m]), added in task order."""
     K, m = taus.shape
-    tmp = scratch("f64.a", min(BLOCK, m), torch.float64, taus.device)
-    for i, j in _blocks(m):
+    step = 1 << 16
+    tmp = scratch("f64.tmp", min(step, m), torch.float64, taus.device)
+    for i in range(0, m, step):
+        j = min(m, i + step)
         o = out[i:j]
         o.copy_(taus[0, i:j])
         t = tmp[: j - i]

@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ._buffers import masked_sums64, row_sum_abs64, scratch, sum_tasks64
+from ._buffers import Sum64, scratch, sum_tasks64
 
 
 def _flat_tasks(taus: torch.Tensor) -> torch.Tensor:
@@ -84,10 +84,10 @@ def ties(base, taus, lam, *, out=None) -> torch.Tensor:
 
 @dataclass
 class EMRChunk:
-    tau_uni: torch.Tensor        # float32 [*chunk]
-    masks: torch.Tensor          # bool [K, *chunk]
-    abs_tau_sum: torch.Tensor    # float64 [K]: sum |tau'_k| over the chunk
-    abs_uni_sum: torch.Tensor    # float64 [K]: sum |M_k tau_uni| over the chunk
+    tau_uni: torch.Tensor                  # float32 [*chunk]
+    masks: torch.Tensor                    # bool [K, *chunk]
+    abs_tau_sum: torch.Tensor | None       # float64 [K]: sum |tau'_k| over the chunk
+    abs_uni_sum: torch.Tensor | None       # float64 [K]: sum |M_k tau_uni| over the chunk
 
 
 @dataclass(frozen=True)
@@ -97,11 +97,34 @@ class EMRPartials:
     abs_uni_sum: tuple[float, ...]
     numel: int
 
+    def to_dict(self) -> dict:
+        return {"abs_tau_sum": list(self.abs_tau_sum), "abs_uni_sum": list(self.abs_uni_sum),
+                "numel": int(self.numel)}
 
-def emr(taus, *, out_uni=None, out_masks=None) -> EMRChunk:
+    @classmethod
+    def from_dict(cls, d: dict) -> "EMRPartials":
+        return cls(tuple(map(float, d["abs_tau_sum"])), tuple(map(float, d["abs_uni_sum"])),
+                   int(d["numel"]))
+
+
+class EMRSums:
+    """Running rescaler sums of one tensor, fed chunk by chunk in flat order (Sum64:
+    the totals do not depend on the chunking)."""
+
+    def __init__(self, K: int, device):
+        self.abs_tau = [Sum64(device) for _ in range(K)]
+        self.abs_uni = [Sum64(device) for _ in range(K)]
+
+    def partials(self, numel: int) -> EMRPartials:
+        return EMRPartials(tuple(s.value() for s in self.abs_tau),
+                           tuple(s.value() for s in self.abs_uni), numel)
+
+
+def emr(taus, *, out_uni=None, out_masks=None, sums: EMRSums | None = None) -> EMRChunk:
     """EMR-Merging elect/mask/unify (official harveyhuang18/EMR_Merging `emr_merge`):
     flag = +1 where sum_k tau'_k > 0 else -1; M_k = tau'_k * flag > 0 (strict);
-    tau_uni = flag * max_k |M_k tau'_k|."""
+    tau_uni = flag * max_k |M_k tau'_k|.  The rescaler sums go into `sums` when
+    given (streaming), else they are returned for this chunk."""
     K = taus.shape[0]
     t2 = _flat_tasks(taus)
     m = t2.shape[1]
@@ -117,9 +140,20 @@ def emr(taus, *, out_uni=None, out_masks=None) -> EMRChunk:
         abs_uni.zero_()
     for k in range(1, K):
         torch.maximum(abs_uni, prod[k], out=abs_uni)
+    abs_uni.add_(0.0)   # -0.0 -> +0.0: maximum's choice between zeros differs between its
+    #                     vector and scalar paths, so chunking would leak into the bytes
     tau_uni = _out(out_uni, taus.shape[1:], torch.float32, taus.device)
     torch.mul(abs_uni, flag, out=tau_uni.view(-1))
-    return EMRChunk(tau_uni, masks, row_sum_abs64(t2), masked_sums64(masks.view(K, m), abs_uni))
+    acc = sums if sums is not None else EMRSums(K, t2.device)
+    tmp = scratch("m.tmp", m, torch.float32, t2.device)
+    for k in range(K):
+        acc.abs_tau[k].add(torch.abs(t2[k], out=tmp))
+        acc.abs_uni[k].add(torch.sign(prod[k], out=tmp).mul_(abs_uni))   # M_k * |tau_uni|
+    if sums is not None:
+        return EMRChunk(tau_uni, masks, None, None)
+    p = acc.partials(m)
+    return EMRChunk(tau_uni, masks, torch.tensor(p.abs_tau_sum, dtype=torch.float64),
+                    torch.tensor(p.abs_uni_sum, dtype=torch.float64))
 
 
 def emr_rescalers(parts: Iterable[EMRPartials], mode: str = "official",

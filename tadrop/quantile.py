@@ -152,10 +152,12 @@ class AbsSelector:
             if new:
                 self._pending |= new
                 self._lo_open = True
-            if other._lo is not None:
-                self._lo_pieces.append(other._lo)
-            self._lo_pieces.extend(other._lo_pieces)
+            self._lo_pieces.append(other._lo_table())
             self._lo = None
+
+    def merge_lo(self, part: "AbsSelector") -> None:
+        """Adds a lo part (from `lo_part` + `add_lo`, model scope): same as `merge`."""
+        self.merge(part)
 
     # ---- selection ----------------------------------------------------------
     def _cumsum(self) -> np.ndarray:
@@ -197,8 +199,8 @@ class AbsSelector:
 
     def lo_part(self, ranks: Sequence[int]) -> "AbsSelector":
         """An empty selector that collects lo counts for the buckets of `ranks`
-        not resolved here (model scope: one part per tensor, merged back)."""
-        self._close_lo()
+        not resolved here (model scope: one part per tensor, merged back).  Does
+        not close a lo round this selector is collecting by merges."""
         s = AbsSelector()
         s._cum = np.zeros(0, np.int64)   # marks it as past select: no hi counts
         s._pending = {self._bucket(r)[0] for r in ranks} - self._resolved

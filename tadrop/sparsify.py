@@ -18,7 +18,7 @@ from typing import Callable, ClassVar, Iterable
 
 import torch
 
-from ._buffers import scratch, sumsq64
+from ._buffers import Sum64, scratch, sumsq64
 from .quantile import AbsSelector, prev_float32
 
 Chunks = Callable[[], Iterable[torch.Tensor]]
@@ -172,11 +172,13 @@ class TADrop(Sparsifier):
         return buckets if len(buckets) <= 8 and total <= max(1 << 16, n >> 5) else []
 
     def _fit(self, chunks: Chunks, n: int, global_value, norm_of_kept) -> SparsifyStats:
-        sel, S = AbsSelector(), 0.0
+        sel, acc = AbsSelector(), None
         for c in chunks():
             c = _flat(c)
             sel.add_hi(c)
-            S += sumsq64(c)
+            acc = acc or Sum64(c.device, square=True)
+            acc.add(c)
+        S = acc.value() if acc else 0.0
         if n == 0:
             return SparsifyStats(numel=0, drop_rate=0.0, k=0, threshold=0.0, norm_before=0.0,
                                  norm_after=0.0, scale=1.0, kept=0)
@@ -214,11 +216,12 @@ class TADrop(Sparsifier):
 
     def fit_streamed(self, chunks, numel, *, global_value=None):
         def norm_of_kept(t):
-            S_hat = 0.0
+            acc = None
             for c in chunks():
                 c = _flat(c)
-                S_hat += sumsq64(_shrink(c, t, scratch("phi.f32", c.numel(), torch.float32, c.device)))
-            return S_hat
+                acc = acc or Sum64(c.device, square=True)
+                acc.add(_shrink(c, t, scratch("phi.f32", c.numel(), torch.float32, c.device)))
+            return acc.value()
         return self._fit(chunks, numel, global_value, norm_of_kept)
 
     def fit_apply_(self, tau, key, *, global_value=None):

@@ -39,7 +39,7 @@ _OUTPUTS = {
     "tall_masks": frozenset({"unified", "masks"}),
     "consensus": frozenset({"merged", "masks"}),
 }
-_FIXED_BYTES = 16 << 20   # float64 blocks, histograms, DARE stream: independent of the tensor
+_FIXED_BYTES = 1 << 20   # histograms, one DARE block, float64 tails: not proportional to the tensor
 
 
 @dataclass(frozen=True)
@@ -194,32 +194,30 @@ def _bytes_per_element(spec: MergeSpec, K: int) -> int:
     }[spec.method]
     if spec.sparsifier.needs_fit:
         per += 9          # hi codes (int32), lo selection mask (bool), a float32 scratch
-    return per + 8        # DARE / mask-count slack
+    return per + 16       # float64 sum blocks, DARE keep mask
 
 
 def plan_tensor(spec: MergeSpec, shape, K: int, budget_bytes: int, *, name: str | None = None) -> TensorPlan:
-    """Largest chunk (in rows) that keeps the engine within `budget_bytes`.
+    """Largest chunk (in rows) that keeps the engine's buffers within `budget_bytes`.
 
     Everything in one chunk when it fits (single read); else the fit runs on the
     whole tau_k when that needs at most half the budget, streamed otherwise.
+    The budget bounds what grows with the tensor; a fixed ~1 MiB (histograms,
+    one DARE block, float64 block tails) comes on top and is in `est_bytes`.
     Raises ValueError naming the tensor when not even one row fits.
     """
     n, rows, rn = _geometry(shape)
     per = _bytes_per_element(spec, K)
-    whole = n * per + _FIXED_BYTES
-    if whole <= budget_bytes or rows <= 1 or n == 0:
-        if whole > budget_bytes:
-            raise ValueError(f"tensor {name or '?'} {tuple(shape)}: one row needs {whole} bytes "
-                             f"with K={K}, over the memory budget of {budget_bytes} bytes")
-        return TensorPlan(max(rows, 1), True, whole)
+    if n * per <= budget_bytes or n == 0:
+        return TensorPlan(max(rows, 1), True, n * per + _FIXED_BYTES)
     fit_bytes = 13 * n if spec.sparsifier.needs_fit else 0   # tau_k + codes + mask + scratch
-    fit_whole = spec.sparsifier.needs_fit and fit_bytes + _FIXED_BYTES <= budget_bytes // 2
-    left = budget_bytes - _FIXED_BYTES - (fit_bytes if fit_whole else 0)
-    chunk_rows = min(rows, left // (rn * per)) if left > 0 else 0
+    fit_whole = spec.sparsifier.needs_fit and fit_bytes <= budget_bytes // 2
+    left = budget_bytes - (fit_bytes if fit_whole else 0)
+    chunk_rows = min(rows, left // (rn * per))
     if chunk_rows < 1:
         raise ValueError(f"tensor {name or '?'} {tuple(shape)}: one row of {rn} elements needs "
-                         f"{rn * per + _FIXED_BYTES} bytes with K={K}, over the memory budget "
-                         f"of {budget_bytes} bytes")
+                         f"{rn * per} bytes of working memory with K={K}, over the memory "
+                         f"budget of {budget_bytes} bytes")
     est = _FIXED_BYTES + (fit_bytes if fit_whole else 0) + chunk_rows * rn * per
     return TensorPlan(int(chunk_rows), bool(fit_whole), int(est))
 
@@ -229,6 +227,17 @@ class TensorResult:
     stats: list[dict]                       # one row per task (SPEC 4 stats columns)
     emr: M.EMRPartials | None = None        # EMR rescaler partial sums of this tensor
     warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able form (what a job returns to the driver)."""
+        return {"stats": [dict(r) for r in self.stats],
+                "emr": self.emr.to_dict() if self.emr is not None else None,
+                "warnings": list(self.warnings)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TensorResult":
+        emr = M.EMRPartials.from_dict(d["emr"]) if d.get("emr") is not None else None
+        return cls([dict(r) for r in d["stats"]], emr, list(d.get("warnings", ())))
 
 
 class _Reader:
@@ -290,10 +299,8 @@ class _Combiner:
 
     def __init__(self, spec: MergeSpec, shape, device):
         self.spec, self.shape, self.device = spec, tuple(shape), device
-        K = spec.K
-        self.mask_counts = [0] * K
-        self.abs_tau = [0.0] * K
-        self.abs_uni = [0.0] * K
+        self.mask_counts = [0] * spec.K
+        self.emr_sums = M.EMRSums(spec.K, device) if spec.method == "emr" else None
 
     def _mtl(self, taus, inner, m):
         out = scratch("eng.uni", m, torch.float32, self.device)
@@ -315,10 +322,7 @@ class _Combiner:
         masks = scratch("eng.masks", K * m, torch.bool, self.device).view(K, m)
         if method == "emr":
             uni = scratch("eng.uni", m, torch.float32, self.device)
-            ch = M.emr(taus, out_uni=uni, out_masks=masks)
-            for k in range(K):
-                self.abs_tau[k] += float(ch.abs_tau_sum[k])
-                self.abs_uni[k] += float(ch.abs_uni_sum[k])
+            M.emr(taus, out_uni=uni, out_masks=masks, sums=self.emr_sums)
             sink.unified(r0, r1, uni.view(rs))
         else:
             inner = spec.tall_inner if method == "tall_masks" else spec.consensus_inner
@@ -394,7 +398,10 @@ def merge_tensor(spec: MergeSpec, name: str, src: TensorSource, sink: TensorSink
     rows_out = [_stats_row(name, spec.task_names[k], stats[k],
                            (comb.mask_counts[k] / n if n else 0.0) if has_masks else None)
                 for k in range(K)]
-    emr = M.EMRPartials(tuple(comb.abs_tau), tuple(comb.abs_uni), n) if spec.method == "emr" else None
+    if spec.method == "emr":
+        emr = comb.emr_sums.partials(n) if n else M.EMRPartials((0.0,) * K, (0.0,) * K, 0)
+    else:
+        emr = None
     return TensorResult(rows_out, emr)
 
 
@@ -423,6 +430,14 @@ def global_pass_hi(spec: MergeSpec, name: str, src: TensorSource, plan: TensorPl
         _named(run, name, spec.task_names[k])
         out.append(sel)
     return out
+
+
+def global_select(spec: MergeSpec, selectors: Sequence[AbsSelector]) -> None:
+    """Marks, in each task's merged hi selector, the buckets its model-wide ranks need
+    (optional: `global_pass_lo` derives the same buckets itself)."""
+    phi = _global_phi(spec)
+    for s in selectors:
+        s.select(phi.model_ranks(s.n))
 
 
 def global_pass_lo(spec: MergeSpec, name: str, src: TensorSource, plan: TensorPlan,
