@@ -105,6 +105,23 @@ def write(out_dir: Path, bench, rows, acc: dict, manifest: dict, timings: dict,
         md += ["", "**The data did not match scripts/eval/manifest.json**: numbers are not comparable."]
     (out_dir / "eval.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
+    update_doc(REPO / "docs" / "EVAL.md", md[4:])
+
+
+START, END = "<!-- eval-tables:start -->", "<!-- eval-tables:end -->"
+
+
+def update_doc(doc: Path, lines: list[str]) -> None:
+    """Replace the generated block of docs/EVAL.md, so the prose around it stays hand-written."""
+    if not doc.exists():
+        return
+    text = doc.read_text()
+    if START not in text or END not in text:
+        return
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    block = "\n".join(ln.replace("## ", "### ", 1) if ln.startswith("## ") else ln for ln in lines)
+    doc.write_text(f"{head}{START}\n{block}\n{END}{tail}")
 
 
 def _merge_seconds(run: Path) -> float | None:
