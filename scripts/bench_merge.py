@@ -25,6 +25,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import shlex
 import shutil
 import subprocess
@@ -71,11 +72,14 @@ class Result:
     samples: int
     pss_samples: int
     cache: str
-    load_before: float
+    busy_before: float      # machine's busy CPU share just before the case (others' jobs)
+    others_cpu_share: float  # share of all cores used by other processes during the case
+    tree_cpu_s: float       # CPU seconds of the measured process tree
     sampler_cpu_s: float
     target_wall_s: float | None = None
     target_rss_gib: float | None = None
-    meets_target: bool | None = None
+    meets_wall: bool | None = None
+    meets_rss: bool | None = None
     output_gb: float | None = None
     log: str = ""
     notes: list[str] = field(default_factory=list)
@@ -116,6 +120,25 @@ def _tree(root: int) -> list[int]:
 
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _busy_cpu_s() -> float:
+    """CPU seconds spent busy (not idle, not iowait) by the whole machine since boot."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / TICK
+
+
+def wait_idle(max_wait: float, busy_max=0.25, window=3.0) -> float:
+    """Wait (up to max_wait s) for the shared machine to be mostly idle; the busy share seen."""
+    t_end = time.monotonic() + max_wait
+    while True:
+        b0 = _busy_cpu_s()
+        time.sleep(window)
+        busy = (_busy_cpu_s() - b0) / (window * (os.cpu_count() or 1))
+        if busy <= busy_max or time.monotonic() >= t_end:
+            return round(busy, 3)
 
 
 def _rss(pid: int) -> tuple[int, int] | None:
@@ -152,6 +175,8 @@ def run_measured(cmd: list[str], log: Path, env=None, interval=0.05, pss_interva
     peak = {"rss": 0, "anon": 0, "pss": 0, "procs": 0}
     samples = pss_samples = 0
     cpu0 = time.process_time()
+    kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy0 = _busy_cpu_s()
     with open(log, "w") as lf:
         lf.write("$ " + shlex.join(cmd) + "\n")
         lf.flush()
@@ -174,8 +199,13 @@ def run_measured(cmd: list[str], log: Path, env=None, interval=0.05, pss_interva
             samples += 1
             time.sleep(interval)
         wall = time.perf_counter() - t0
+    kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    tree_cpu = (kids1.ru_utime + kids1.ru_stime) - (kids0.ru_utime + kids0.ru_stime)
+    sampler = time.process_time() - cpu0
+    others = max(0.0, _busy_cpu_s() - busy0 - tree_cpu - sampler)
     return {"rc": p.returncode, "wall_s": wall, "samples": samples, "pss_samples": pss_samples,
-            "sampler_cpu_s": time.process_time() - cpu0, **peak}
+            "sampler_cpu_s": sampler, "tree_cpu_s": tree_cpu,
+            "others_cpu_share": others / (wall * (os.cpu_count() or 1)), **peak}
 
 
 # ---------------------------------------------------------------- page cache
@@ -297,49 +327,47 @@ def run_case(case: Case, man: dict, args, data: Path) -> Result:
     runs, logs, cfgs = data / "runs", data / "logs", data / "configs"
     for d in (runs, logs, cfgs):
         d.mkdir(parents=True, exist_ok=True)
-    run_dir = runs / case.name
+    run_dir, cfg, log = runs / case.name, cfgs / f"{case.name}.yaml", logs / f"{case.name}.log"
     shutil.rmtree(run_dir, ignore_errors=True)  # a leftover run would be resumed, not re-merged
     notes = []
     if case.tool == "tadrop":
-        cfg = cfgs / f"{case.name}.yaml"
         cfg.write_text(tadrop_config(case, man, run_dir))
         cmd = tadrop_cmd(args) + ["merge", str(cfg), "--workers", str(args.workers),
-                                         "--memory-budget", args.memory_budget, "--quiet"]
+                                  "--memory-budget", args.memory_budget, "--quiet"]
         if case.executor == "ray":
             cmd += ["--executor", "ray"]
     else:
-        cfg = cfgs / f"{case.name}.yaml"
         cfg.write_text(mergekit_config(case, man))
         cmd = [str(mergekit_venv(data)), str(cfg), str(run_dir), "--lazy-unpickle",
-                      "--no-copy-tokenizer", "--no-write-model-card", "--quiet"]
+               "--no-copy-tokenizer", "--no-write-model-card", "--quiet"]
         notes.append("mergekit defaults otherwise: CPU, synchronous writes, torch threads = cores")
     inputs = [Path(man["base"])] + [Path(man["tasks"][n]) for n in man["params"]["names"][: case.k]]
+    busy = wait_idle(args.wait_idle) if args.wait_idle > 0 else -1.0
     cache = cache_state(args.cache, inputs)
-    print(f"[{case.name}] {cache}; running ...", flush=True)
-    load = float(Path("/proc/loadavg").read_text().split()[0])
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    m = run_measured(cmd, logs / f"{case.name}.log", env=env)
+    print(f"[{case.name}] machine {busy:.0%} busy before, {cache}; running ...", flush=True)
+    m = run_measured(cmd, log, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     if case.tool == "tadrop" and m["rc"] == 0:
         st = subprocess.run(tadrop_cmd(args) + ["status", str(run_dir)], cwd=REPO,
                             capture_output=True, text=True)
         if st.returncode != 0:
             notes.append(f"tadrop status exit {st.returncode}: run not complete")
-    target_rss = (args.workers * parse_gib(args.memory_budget) + 0.5) if case.tool == "tadrop" else None
-    target_wall = TARGET_WALL.get(case.name.removesuffix("-ray")) if case.tool == "tadrop" else None
     r = Result(case=case.name, tool=case.tool, method=case.method, k=case.k, executor=case.executor,
                rc=m["rc"], wall_s=round(m["wall_s"], 2), peak_rss_gib=round(m["rss"] / GiB, 3),
                peak_anon_gib=round(m["anon"] / GiB, 3), peak_pss_gib=round(m["pss"] / GiB, 3),
-               peak_procs=m["procs"], samples=m["samples"], pss_samples=m["pss_samples"], cache=cache, load_before=load,
-               sampler_cpu_s=round(m["sampler_cpu_s"], 2), target_wall_s=target_wall,
-               target_rss_gib=target_rss, output_gb=round(dir_gb(run_dir), 3),
-               log=_rel(logs / f"{case.name}.log"),
-               notes=notes)
-    if target_rss is not None:
-        r.meets_target = (r.rc == 0 and r.peak_rss_gib <= target_rss
-                          and (target_wall is None or r.wall_s <= target_wall))
+               peak_procs=m["procs"], samples=m["samples"], pss_samples=m["pss_samples"],
+               cache=cache, busy_before=busy, others_cpu_share=round(m["others_cpu_share"], 3),
+               tree_cpu_s=round(m["tree_cpu_s"], 1), sampler_cpu_s=round(m["sampler_cpu_s"], 2),
+               output_gb=round(dir_gb(run_dir), 3), log=_rel(log), notes=notes)
+    if case.tool == "tadrop":
+        r.target_rss_gib = args.workers * parse_gib(args.memory_budget) + 0.5
+        r.target_wall_s = TARGET_WALL.get(case.name.removesuffix("-ray"))
+        r.meets_rss = r.rc == 0 and r.peak_rss_gib <= r.target_rss_gib
+        if r.target_wall_s is not None:
+            r.meets_wall = r.rc == 0 and r.wall_s <= r.target_wall_s
     status = "ok" if r.rc == 0 else f"FAILED rc={r.rc} (see {r.log})"
     print(f"[{case.name}] {status}: {r.wall_s:.1f} s, peak RSS {r.peak_rss_gib:.2f} GiB "
-          f"(anon {r.peak_anon_gib:.2f}, PSS {r.peak_pss_gib:.2f})", flush=True)
+          f"(anon {r.peak_anon_gib:.2f}, PSS {r.peak_pss_gib:.2f}), others used "
+          f"{r.others_cpu_share:.0%} of the cores meanwhile", flush=True)
     if not args.keep_outputs:
         shutil.rmtree(run_dir, ignore_errors=True)
     return r
@@ -373,17 +401,21 @@ def write_report(results: list[Result], meta: dict, out: Path) -> None:
     mk = {(r.method, r.k): r for r in results if r.tool == "mergekit"}
     label = {"ties": "TIES (top-k 0.2)", "emr_tadrop": "EMR + TADrop", "task_arithmetic": "Task arithmetic"}
     rows = ["| case | K | method | executor | wall s | peak RSS GiB | peak anon GiB | peak PSS GiB "
-            "| target (wall s / RSS GiB) | meets | vs mergekit |",
-            "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- |"]
+            "| target wall s / RSS GiB | meets wall / RSS | CPU s | others' CPU | vs mergekit |",
+            "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: | --- |"]
+
+    def yn(v):
+        return "" if v is None else ("yes" if v else "**no**")
+
     for r in results:
-        target = (f"{r.target_wall_s:g} / {r.target_rss_gib:g}" if r.target_wall_s
-                  else (f"- / {r.target_rss_gib:g}" if r.target_rss_gib else ""))
-        meets = "" if r.meets_target is None else ("yes" if r.meets_target else "**no**")
+        target = "" if r.target_rss_gib is None else (
+            f"{r.target_wall_s:g}" if r.target_wall_s else "-") + f" / {r.target_rss_gib:g}"
+        meets = "" if r.meets_rss is None else f"{yn(r.meets_wall) or '-'} / {yn(r.meets_rss)}"
         wall = f"{r.wall_s:.1f}" if r.rc == 0 else f"failed (rc {r.rc})"
         vs = _ratio(r, mk.get((r.method, r.k))) if r.tool == "tadrop" else ""
         rows.append(f"| {r.case} | {r.k} | {label[r.method]} | {r.executor} | {wall} | "
                     f"{r.peak_rss_gib:.2f} | {r.peak_anon_gib:.2f} | {r.peak_pss_gib:.2f} | "
-                    f"{target} | {meets} | {vs} |")
+                    f"{target} | {meets} | {r.tree_cpu_s:.0f} | {r.others_cpu_share:.0%} | {vs} |")
     caches = sorted({r.cache for r in results})
     md = [
         "# Merge benchmark",
@@ -397,6 +429,11 @@ def write_report(results: list[Result], meta: dict, out: Path) -> None:
         *rows,
         "",
         f"Page cache before each case: {'; '.join(caches)}.",
+        "",
+        "CPU s: CPU time of the measured process tree. Others' CPU: the share of the machine's "
+        "cores that other processes (other people's jobs on this shared machine) used during "
+        "the case; a high figure means the wall time is inflated by contention. Before each "
+        "case the benchmark waits (up to --wait-idle s) for the machine to be under 25% busy.",
         "",
         "Memory is the sum over the whole process tree (workers, Ray daemons) from /proc: "
         "RSS and anon every 50 ms, PSS every 2 s (reading it makes the kernel walk the "
@@ -437,6 +474,8 @@ def main(argv=None) -> int:
                     help="auto: drop the page cache if permitted, else pre-read the inputs")
     ap.add_argument("--nice", type=int, default=10, help="raise this process's niceness (and the merges') by N")
     ap.add_argument("--tadrop", help="command for tadrop (default: `tadrop` on PATH, else python -m pipeline.cli)")
+    ap.add_argument("--wait-idle", type=float, default=300,
+                    help="before each case wait up to this many seconds for the machine to be <25%% busy")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep-outputs", action="store_true")
     args = ap.parse_args(argv)
