@@ -22,7 +22,7 @@ DEFAULT_METHOD = "task_arithmetic"
 DEFAULT_LAMBDA = {"task_arithmetic": 0.3, "ties": 1.0}
 OVERRIDE_KEYS = ("output", "workers", "memory_budget", "executor")
 # Keys that do not change the output bytes (left out of identity()).
-NON_IDENTITY_KEYS = ("output", "workers", "executor", "ray", "device")
+NON_IDENTITY_KEYS = ("output", "workers", "executor", "ray", "device", "memory_budget")
 
 _SIZE_UNITS = {
     "": 1, "b": 1,

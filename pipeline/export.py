@@ -70,9 +70,10 @@ def _write_task_model(run_dir: Path, cfg: MergeConfig, k: int, tmp: Path, shard_
     store = MaskStore.open(run_dir / "masks.zarr")
     attrs = store.attrs
     if cfg.method == "emr":
-        scale = float(attrs["emr_lambdas"][cfg.models[k].name])
+        lam = float(attrs["emr_lambdas"][cfg.models[k].name])
+        task_model = lambda base_, vec, mask: methods.emr_task_model(base_, vec, mask, lam)  # noqa: E731
     else:  # tall_masks: theta_0 + m_k * tau_MTL
-        scale = 1.0
+        task_model = methods.tall_task_model
 
     entries = []
     for name, info in base.tensors.items():
@@ -97,7 +98,7 @@ def _write_task_model(run_dir: Path, cfg: MergeConfig, k: int, tmp: Path, shard_
                 theta0 = _rows(base, name, shape, r0, r1).float()
                 vec = _rows(unified, name, shape, r0, r1).float()
                 mask = torch.from_numpy(store.read(name, k, r0, r1)).reshape(vec.shape)
-                theta = methods.emr_task_model(theta0, vec, mask, scale)
+                theta = task_model(theta0, vec, mask)
                 writer.write(name, theta.to(out_dtype).reshape((r1 - r0, *shape[1:]) if shape else ())
                              .contiguous(), row_start=r0)
             base.release(name)

@@ -28,6 +28,10 @@ TORCH_DTYPES = {
 }
 
 
+SELECTED_FILE = "selected.npz"
+VALUES_FILE = "values.npz"
+
+
 class JobError(RuntimeError):
     """An application error in a job (bad tensor, NaN, I/O failure): fails the run, names the tensor."""
 
@@ -64,7 +68,7 @@ class RunContext:
     write_masks: bool = False
     device: str = "cpu"
     torch_threads: int = 1
-    global_file: Path | None = None        # model scope: selectors or per-task global values
+    model_scope: bool = False              # merge jobs read per-task values from global/values.npz
 
     @property
     def merged_dir(self) -> Path:
@@ -106,10 +110,13 @@ class _Source:
 
 
 class _Sink:
-    """Casts float32 rows once to the output dtype and writes them in place into the shard files."""
+    """Casts float32 rows once to the output dtype and writes them in place into the shard files;
+    gathers mask rows into whole Zarr chunks (their size is fixed by the shape, not the budget)."""
 
-    def __init__(self, runner: "JobRunner", name: str):
-        self._r, self._name = runner, name
+    def __init__(self, runner: "JobRunner", name: str, rows: int):
+        self._r, self._name, self._rows = runner, name, rows
+        self._pending: list[np.ndarray] = []
+        self._pending_r0 = 0
 
     def _write(self, writer: ShardWriter, dtype: torch.dtype, r0: int, rows: torch.Tensor) -> None:
         out = rows.to(device="cpu", dtype=dtype).contiguous()
@@ -123,7 +130,27 @@ class _Sink:
         self._write(self._r.unified_writer, TORCH_DTYPES[self._r.ctx.unified_dtype], r0, vec)
 
     def masks(self, r0: int, r1: int, masks: torch.Tensor) -> None:
-        self._r.mask_store.write(self._name, r0, masks.to("cpu").numpy())
+        store = self._r.mask_store
+        m = masks.to("cpu").numpy()
+        if not m.ndim or m.ndim == 1:  # a 0-d tensor: one element per task
+            store.write(self._name, 0, m)
+            return
+        cr = store.chunk_rows(self._name)
+        if not self._pending and r0 % cr == 0 and (r1 % cr == 0 or r1 == self._rows):
+            store.write(self._name, r0, m)  # the common case: whole chunks already
+            return
+        if not self._pending:
+            self._pending_r0 = r0
+        self._pending.append(m.copy())
+        have = sum(p.shape[1] for p in self._pending)
+        end = self._pending_r0 + have
+        whole = (end // cr * cr if end < self._rows else end) - self._pending_r0
+        if whole > 0:
+            buf = np.concatenate(self._pending, axis=1)
+            store.write(self._name, self._pending_r0, buf[:, :whole])
+            rest = buf[:, whole:]
+            self._pending = [rest] if rest.shape[1] else []
+            self._pending_r0 += whole
 
 
 class JobRunner:
@@ -135,23 +162,25 @@ class JobRunner:
         self.merged_writer = ShardWriter(ctx.merged_plan, ctx.merged_dir) if ctx.merged_plan else None
         self.unified_writer = ShardWriter(ctx.unified_plan, ctx.unified_dir) if ctx.unified_plan else None
         self.mask_store = MaskStore.open(ctx.masks_path) if ctx.write_masks else None
-        self._global = None
+        self._sel: list[AbsSelector] | None = None
+        self._values: list[float] | None = None
 
     # -- helpers ---------------------------------------------------------------------------------
     def _source(self, name: str) -> _Source:
         return _Source(self.ctx.base, self.ctx.models, name)
 
-    def _global_state(self):
-        if self._global is None:
-            with np.load(self.ctx.global_file, allow_pickle=False) as z:
-                self._global = {k: z[k] for k in z.files}
-        return self._global
+    def _selected(self) -> list[AbsSelector]:
+        """Model scope: the merged hi histograms, written by the driver between the two passes."""
+        if self._sel is None:
+            self._sel = load_selectors(self.ctx.global_dir / SELECTED_FILE, len(self.ctx.models))
+        return self._sel
 
-    def _selectors(self) -> list[AbsSelector]:
-        g = self._global_state()
-        k = len(self.ctx.models)
-        return [AbsSelector.from_numpy({key.split("/", 1)[1]: g[key] for key in g if key.startswith(f"{i}/")})
-                for i in range(k)]
+    def _global_values(self) -> list[float]:
+        """Model scope: each task's model-wide drop rate or threshold, written by the driver."""
+        if self._values is None:
+            with np.load(self.ctx.global_dir / VALUES_FILE, allow_pickle=False) as z:
+                self._values = [float(v) for v in z["values"]]
+        return self._values
 
     def _release(self, name: str) -> None:
         """Drop the tensor's pages from this process's mappings so RSS stays bounded (page cache keeps them)."""
@@ -183,12 +212,10 @@ class JobRunner:
 
     def _merge(self, name: str) -> dict:
         ctx = self.ctx
-        global_values = None
-        if ctx.global_file is not None:
-            g = self._global_state()
-            global_values = [float(v) for v in g["values"]]
+        global_values = self._global_values() if ctx.model_scope else None
+        src = self._source(name)
         result = streamed.merge_tensor(
-            ctx.spec, name, self._source(name), _Sink(self, name), ctx.tensor_plans[name],
+            ctx.spec, name, src, _Sink(self, name, src.rows), ctx.tensor_plans[name],
             global_values=global_values, device=ctx.device,
         )
         self._sync()
@@ -207,7 +234,7 @@ class JobRunner:
 
     def _global_lo(self, name: str) -> dict:
         sels = streamed.global_pass_lo(self.ctx.spec, name, self._source(name), self.ctx.tensor_plans[name],
-                                       self._selectors())
+                                       self._selected())
         return {"file": self._save_selectors(name, "lo", sels)}
 
     def _save_selectors(self, name: str, phase: str, sels: list[AbsSelector]) -> str:

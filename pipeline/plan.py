@@ -6,7 +6,7 @@ number of workers produce the same bytes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -25,6 +25,17 @@ _DTYPE_CODES = {v: k for k, v in _DTYPE_NAMES.items()}
 MERGED_METHODS = {"task_arithmetic", "ties", "consensus"}
 UNIFIED_METHODS = {"emr", "tall_masks"}
 MASK_METHODS = {"emr", "tall_masks", "consensus"}
+
+
+MASK_CHUNK_ELEMENTS = 1 << 22   # ~512 KiB bit-packed per task and chunk
+
+
+def mask_chunk_rows(shape: tuple[int, ...]) -> int:
+    """Rows per Zarr mask chunk: fixed by the shape alone, so the memory budget (and with it the
+    engine's row chunking) never changes the bytes of masks.zarr."""
+    rows = shape[0] if shape else 1
+    row_numel = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    return max(1, min(rows, MASK_CHUNK_ELEMENTS // max(1, row_numel)))
 
 
 class PlanError(ValueError):
@@ -104,9 +115,13 @@ def make_plan(cfg: MergeConfig, base: Checkpoint, models: list[Checkpoint], tabl
     for name in table.merge:
         shape = tuple(base.tensors[name].shape) or (1,)
         try:
-            tensor_plans[name] = streamed.plan_tensor(spec, shape, k, budget)
+            tp = streamed.plan_tensor(spec, shape, k, budget, name=name)
         except ValueError as e:
-            raise PlanError(f"tensor '{name}' {list(shape)}: {e}") from None
+            raise PlanError(f"{e} (raise memory_budget)") from None
+        mrows = mask_chunk_rows(shape)
+        if mrows <= tp.chunk_rows < shape[0]:  # whole mask chunks per engine chunk: no buffering
+            tp = replace(tp, chunk_rows=tp.chunk_rows // mrows * mrows)
+        tensor_plans[name] = tp
 
     merged_dtypes: dict[str, str] = {}
     for name in table.merge:

@@ -12,7 +12,6 @@ import logging
 import platform
 import sys
 import time
-from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,9 +24,9 @@ from .checkpoints import Checkpoint, validate_inputs
 from .config import MergeConfig
 from .executor import Executor, LocalExecutor
 from .faults import crash_point
-from .job import Job, RunContext, load_selectors
+from .job import SELECTED_FILE, VALUES_FILE, Job, RunContext, load_selectors
 from .ledger import Ledger
-from .plan import Plan, describe, make_plan
+from .plan import Plan, describe, make_plan, mask_chunk_rows
 from .progress import Progress
 from .reduce import reduce_run
 from .writers import MaskStore, atomic_write_bytes, atomic_write_json, create_shard_files
@@ -185,7 +184,7 @@ def merge(cfg: MergeConfig, *, dry_run: bool = False, quiet: bool = False,
         state_dir=state, base=base, models=tuple(models), spec=plan.spec,
         tensor_plans=plan.tensor_plans, merged_plan=plan.merged_plan, unified_plan=plan.unified_plan,
         merged_dtypes=plan.merged_dtypes, unified_dtype=cfg.unified_dtype,
-        write_masks=plan.write_masks, device=cfg.device,
+        write_masks=plan.write_masks, device=cfg.device, model_scope=plan.model_scope,
     )
     own_executor = executor is None
     executor = executor or make_executor(cfg)
@@ -194,7 +193,7 @@ def merge(cfg: MergeConfig, *, dry_run: bool = False, quiet: bool = False,
         t_map = time.time()
         if not reducing:
             if plan.model_scope:
-                ctx = _model_scope_phases(plan, ctx, executor, ledger, done, progress)
+                _model_scope_phases(plan, ctx, executor, ledger, done, progress)
             _run_phase(executor, ctx, plan.jobs["merge"], ledger, done, progress)
         timings["map_s"] = round(time.time() - t_map, 3)
     finally:
@@ -223,7 +222,7 @@ def _prepare_outputs(plan: Plan, state: Path, k: int) -> None:
     if plan.unified_plan:
         create_shard_files(plan.unified_plan, state / "unified.partial")
     if plan.write_masks:
-        arrays = {n: (k, plan.shapes[n] or (1,), plan.tensor_plans[n].chunk_rows) for n in plan.merge}
+        arrays = {n: (k, plan.shapes[n], mask_chunk_rows(plan.shapes[n])) for n in plan.merge}
         MaskStore.create(state / "masks.zarr.partial", arrays,
                          {"tasks": list(plan.spec.task_names), "method": plan.spec.method})
 
@@ -244,7 +243,7 @@ def _run_phase(executor: Executor, ctx: RunContext, jobs: list[Job], ledger: Led
 
 
 def _model_scope_phases(plan: Plan, ctx: RunContext, executor: Executor, ledger: Ledger, done: dict,
-                        progress: Progress) -> RunContext:
+                        progress: Progress) -> None:
     """Model scope: per-task statistics over the whole model, in two histogram passes before the merge."""
     k = len(ctx.models)
     gdir = ctx.state_dir / "global"
@@ -253,18 +252,15 @@ def _model_scope_phases(plan: Plan, ctx: RunContext, executor: Executor, ledger:
     _run_phase(executor, ctx, plan.jobs["global_hi"], ledger, done, progress)
     sels = _merge_selector_files(ctx.state_dir, [done[j.id]["file"] for j in plan.jobs["global_hi"]], k)
     streamed.global_select(plan.spec, sels)
-    selected = gdir / "selected.npz"
-    _save_npz(selected, {f"{i}/{key}": arr for i, s in enumerate(sels) for key, arr in s.to_numpy().items()})
+    _save_npz(gdir / SELECTED_FILE,
+              {f"{i}/{key}": arr for i, s in enumerate(sels) for key, arr in s.to_numpy().items()})
 
-    ctx_lo = replace(ctx, global_file=selected)
-    _run_phase(executor, ctx_lo, plan.jobs["global_lo"], ledger, done, progress)
+    _run_phase(executor, ctx, plan.jobs["global_lo"], ledger, done, progress)
     lo = _merge_selector_files(ctx.state_dir, [done[j.id]["file"] for j in plan.jobs["global_lo"]], k)
     for s, part in zip(sels, lo):
         s.merge_lo(part)
     values = streamed.global_values(plan.spec, sels)
-    values_file = gdir / "values.npz"
-    _save_npz(values_file, {"values": np.asarray(values, dtype=np.float64)})
-    return replace(ctx, global_file=values_file)
+    _save_npz(gdir / VALUES_FILE, {"values": np.asarray(values, dtype=np.float64)})
 
 
 def _merge_selector_files(state: Path, files: list[str], k: int) -> list[AbsSelector]:

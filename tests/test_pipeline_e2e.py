@@ -54,6 +54,7 @@ def reference(family: dict, cfg):
 
 
 def merge_case(tmp_path: Path, family: dict, **kw):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = write_config(tmp_path / "cfg.yaml", family, tmp_path / "run", **kw)
     cfg = load_config(path)
     merge(cfg, quiet=True)
