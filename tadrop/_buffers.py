@@ -48,47 +48,61 @@ _SUM_BATCH = 64              # blocks converted to float64 at a time
 
 
 def _block_sums(buf: torch.Tensor) -> torch.Tensor:
-    """Row sums of a float64 [nb, SUM_BLOCK] buffer by pairwise halving, in place.
+    """Row sums of a float64 [nb, SUM_BLOCK] buffer; each row's bits depend on its values only.
 
-    Elementwise adds only: the result depends on the row's values alone (not on
-    nb, threads or device), which is what makes `Sum64` chunking-invariant.
+    CPU: torch.sum over the last dim reduces each row serially whatever nb and the
+    thread count (ATen parallelises over rows, and a single 4096-element row is
+    below its grain size).  Elsewhere: pairwise halving, elementwise adds only.
     """
+    if buf.device.type == "cpu":
+        return buf.sum(1)
     s = buf.shape[1] // 2
     while s >= 1:
         buf[:, :s] += buf[:, s:2 * s]
         s //= 2
-    return buf[:, 0]
+    return buf[:, 0].clone()
 
 
 class Sum64:
-    """Float64 sum of x (or x**2) over float32 pieces fed in flat order.
+    """Float64 sum of f(x) over float32 pieces fed in flat order: f is x, |x|, x**2
+    or x * w for a float64 weight w aligned with x.
 
-    Why not `torch.sum(dtype=float64)`: that converts the whole input first and
+    Why not `torch.sum(dtype=float64)`: that converts the whole input first, and
     its rounding depends on how the stream was cut.  Here the flat index space
     is cut in fixed blocks of SUM_BLOCK elements (a piece's ragged ends are
-    carried over to the next piece), each block is summed by pairwise halving
-    in float64 (squares of float32 values are exact in float64), and the block
-    sums are added with math.fsum.  So a tensor gives the same bits whether it
+    carried over to the next piece), each block is converted to float64 (squares
+    of float32 values are exact there) and summed on its own, and the block sums
+    are added with math.fsum.  So a tensor gives the same bits whether it
     arrives whole or in row chunks of any size: streamed == whole, bit for bit.
     """
 
-    def __init__(self, device="cpu", square: bool = False):
-        self.device, self.square = torch.device(device), square
+    def __init__(self, device="cpu", op: str = "sum"):
+        if op not in ("sum", "abs", "square", "weighted"):
+            raise ValueError(f"Sum64 op {op!r}")
+        self.device, self.op = torch.device(device), op
         self._tail = torch.zeros(SUM_BLOCK, dtype=torch.float64, device=self.device)
         self._fill = 0
         self._parts: list[torch.Tensor] = []
 
-    def _prep(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+    def _prep(self, dst: torch.Tensor, src: torch.Tensor, w) -> None:
         dst.copy_(src)
-        if self.square:
+        if self.op == "abs":
+            dst.abs_()
+        elif self.op == "square":
             dst.mul_(dst)
+        elif self.op == "weighted":
+            dst.mul_(w)
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, w: torch.Tensor | None = None) -> None:
+        """Feeds the next piece (any shape, flattened); `w` only for op 'weighted'."""
         x = x.reshape(-1)
+        if (w is None) != (self.op != "weighted"):
+            raise ValueError("a weight goes with op 'weighted' only")
+        ws = (lambda a, b: w[a:b]) if w is not None else (lambda a, b: None)
         n, i, B = x.numel(), 0, SUM_BLOCK
         if self._fill:
             take = min(B - self._fill, n)
-            self._prep(self._tail[self._fill:self._fill + take], x[:take])
+            self._prep(self._tail[self._fill:self._fill + take], x[:take], ws(0, take))
             self._fill += take
             i = take
             if self._fill == B:
@@ -101,12 +115,13 @@ class Sum64:
             buf = scratch("sum64.buf", batch * B, torch.float64, self.device)
             for j in range(0, nfull, batch):
                 nb = min(batch, nfull - j)
-                b = buf[: nb * B].view(nb, B)
-                self._prep(b, x[i + j * B:i + (j + nb) * B].view(nb, B))
-                self._parts.append(_block_sums(b).clone())
+                a, b = i + j * B, i + (j + nb) * B
+                blk = buf[: nb * B].view(nb, B)
+                self._prep(blk, x[a:b].view(nb, B), None if w is None else w[a:b].view(nb, B))
+                self._parts.append(_block_sums(blk))
             i += nfull * B
         if i < n:
-            self._prep(self._tail[: n - i], x[i:])
+            self._prep(self._tail[: n - i], x[i:], ws(i, n))
             self._fill = n - i
 
     def value(self) -> float:
@@ -122,15 +137,15 @@ class Sum64:
 
 def sumsq64(x: torch.Tensor) -> float:
     """sum(x**2) in float64, chunking-invariant (see Sum64)."""
-    s = Sum64(x.device, square=True)
+    s = Sum64(x.device, "square")
     s.add(x)
     return s.value()
 
 
 def sum_abs64(x: torch.Tensor) -> float:
     """sum(|x|) in float64, chunking-invariant (see Sum64)."""
-    s = Sum64(x.device)
-    s.add(torch.abs(x.reshape(-1), out=scratch("sum64.abs", x.numel(), torch.float32, x.device)))
+    s = Sum64(x.device, "abs")
+    s.add(x)
     return s.value()
 
 

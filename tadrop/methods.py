@@ -112,8 +112,8 @@ class EMRSums:
     the totals do not depend on the chunking)."""
 
     def __init__(self, K: int, device):
-        self.abs_tau = [Sum64(device) for _ in range(K)]
-        self.abs_uni = [Sum64(device) for _ in range(K)]
+        self.abs_tau = [Sum64(device, "abs") for _ in range(K)]
+        self.abs_uni = [Sum64(device, "weighted") for _ in range(K)]
 
     def partials(self, numel: int) -> EMRPartials:
         return EMRPartials(tuple(s.value() for s in self.abs_tau),
@@ -145,10 +145,12 @@ def emr(taus, *, out_uni=None, out_masks=None, sums: EMRSums | None = None) -> E
     tau_uni = _out(out_uni, taus.shape[1:], torch.float32, taus.device)
     torch.mul(abs_uni, flag, out=tau_uni.view(-1))
     acc = sums if sums is not None else EMRSums(K, t2.device)
-    tmp = scratch("m.tmp", m, torch.float32, t2.device)
+    abs_uni64 = scratch("m.absuni64", m, torch.float64, t2.device)
+    abs_uni64.copy_(abs_uni)
+    m2 = masks.view(K, m)
     for k in range(K):
-        acc.abs_tau[k].add(torch.abs(t2[k], out=tmp))
-        acc.abs_uni[k].add(torch.sign(prod[k], out=tmp).mul_(abs_uni))   # M_k * |tau_uni|
+        acc.abs_tau[k].add(t2[k])                       # sum |tau'_k|
+        acc.abs_uni[k].add(m2[k], abs_uni64)            # sum M_k |tau_uni|
     if sums is not None:
         return EMRChunk(tau_uni, masks, None, None)
     p = acc.partials(m)

@@ -176,7 +176,7 @@ class TADrop(Sparsifier):
         for c in chunks():
             c = _flat(c)
             sel.add_hi(c)
-            acc = acc or Sum64(c.device, square=True)
+            acc = acc or Sum64(c.device, "square")
             acc.add(c)
         S = acc.value() if acc else 0.0
         if n == 0:
@@ -219,7 +219,7 @@ class TADrop(Sparsifier):
             acc = None
             for c in chunks():
                 c = _flat(c)
-                acc = acc or Sum64(c.device, square=True)
+                acc = acc or Sum64(c.device, "square")
                 acc.add(_shrink(c, t, scratch("phi.f32", c.numel(), torch.float32, c.device)))
             return acc.value()
         return self._fit(chunks, numel, global_value, norm_of_kept)

@@ -307,8 +307,8 @@ class _Combiner:
         return (M.ties_vector if inner == "ties" else M.task_sum)(taus, out=out)
 
     def _count(self, masks):
-        for k, c in enumerate(masks.sum(1).tolist()):
-            self.mask_counts[k] += c
+        for k in range(masks.shape[0]):   # per row: far faster than a bool sum over dim 1
+            self.mask_counts[k] += int(torch.count_nonzero(masks[k]))
 
     def __call__(self, r0, r1, taus, base, sink):
         spec, K, m = self.spec, self.spec.K, base.numel()
