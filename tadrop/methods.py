@@ -130,9 +130,8 @@ def emr(taus, *, out_uni=None, out_masks=None, sums: EMRSums | None = None) -> E
     m = t2.shape[1]
     flag = _sign32(_sum64(t2), "m.sign", strict=True)      # a zero sum gives -1, as official
     prod = torch.mul(t2, flag, out=scratch("m.prod", K * m, torch.float32, t2.device).view(K, m))
-    prod.relu_()                                           # |M_k tau'_k|
     masks = _out(out_masks, taus.shape, torch.bool, taus.device)
-    torch.gt(prod, 0, out=masks.view(K, m))
+    torch.gt(prod, 0, out=masks.view(K, m))                # prod = |tau'_k| where M_k, < 0 elsewhere
     abs_uni = scratch("m.absuni", m, torch.float32, t2.device)
     if K:
         abs_uni.copy_(prod[0])
@@ -140,8 +139,9 @@ def emr(taus, *, out_uni=None, out_masks=None, sums: EMRSums | None = None) -> E
         abs_uni.zero_()
     for k in range(1, K):
         torch.maximum(abs_uni, prod[k], out=abs_uni)
-    abs_uni.add_(0.0)   # -0.0 -> +0.0: maximum's choice between zeros differs between its
-    #                     vector and scalar paths, so chunking would leak into the bytes
+    # max_k |M_k tau'_k| = max(0, max_k prod_k); the + 0.0 turns -0.0 into +0.0: maximum's
+    # choice between zeros differs between its vector and scalar paths (chunking would show)
+    abs_uni.clamp_(min=0).add_(0.0)
     tau_uni = _out(out_uni, taus.shape[1:], torch.float32, taus.device)
     torch.mul(abs_uni, flag, out=tau_uni.view(-1))
     acc = sums if sums is not None else EMRSums(K, t2.device)

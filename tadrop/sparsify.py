@@ -159,14 +159,14 @@ class TADrop(Sparsifier):
         so that one lo pass usually serves the quantiles and the threshold."""
         def bounds(p):
             lo, hi = sel.quantile_ranks(p)
-            return sel.bucket_bounds(sel._bucket(lo)[0])[0], sel.bucket_bounds(sel._bucket(hi)[0])[1]
+            return sel.bucket_bounds(sel.bucket_of(lo)[0])[0], sel.bucket_bounds(sel.bucket_of(hi)[0])[1]
         (qa_lo, qa_hi), (qb_lo, qb_hi) = bounds(self.a), bounds(self.b)
         k_lo = math.floor(self._d(qa_lo, qb_hi) * (1 - 1e-6) * n)
         k_hi = min(math.floor(self._d(qa_hi, qb_lo) * (1 + 1e-6) * n) + 1, n - 1)
         k_lo = max(k_lo - 1, 1)
         if k_hi < k_lo:
             return []
-        b_lo, b_hi = sel._bucket(k_lo)[0], sel._bucket(k_hi)[0]
+        b_lo, b_hi = sel.bucket_of(k_lo)[0], sel.bucket_of(k_hi)[0]
         buckets = [b for b in range(b_lo, b_hi + 1) if sel.bucket_count(b)]
         total = sum(sel.bucket_count(b) for b in buckets)
         return buckets if len(buckets) <= 8 and total <= max(1 << 16, n >> 5) else []

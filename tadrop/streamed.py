@@ -28,7 +28,7 @@ import torch
 from . import methods as M
 from ._buffers import scratch
 from .quantile import AbsSelector, NonFiniteError
-from .sparsify import ChunkKey, Identity, Sparsifier, SparsifyStats, TopK
+from .sparsify import ChunkKey, Identity, Sparsifier, SparsifyStats, TADrop, TopK
 
 METHODS = ("task_arithmetic", "ties", "emr", "tall_masks", "consensus")
 _DEFAULT_LAM = {"task_arithmetic": 0.3, "ties": 1.0}
@@ -246,6 +246,10 @@ class _Reader:
     def __init__(self, name, src, spec, device):
         self.name, self.src, self.spec, self.device = name, src, spec, torch.device(device)
         self.n, self.rows, self.rn = _geometry(src.shape)
+        phi = spec.sparsifier
+        # TADrop always, and tensor-scope TopK, build a hi histogram of every tau_k,
+        # which raises NonFiniteError itself (before any output is written)
+        self.histogram_checks = isinstance(phi, TADrop) or (isinstance(phi, TopK) and phi.scope == "tensor")
 
     def _check(self, t: torch.Tensor, who: str):
         if t.numel() and not math.isfinite(float(torch.sum(t))):   # cheap test; exact one below
@@ -259,9 +263,14 @@ class _Reader:
         return out
 
     def tau(self, k, r0, r1, base, out):
-        out.copy_(self.src.task(k, r0, r1).reshape(-1))
-        out.sub_(base)
-        self._check(out, f"task {self.spec.task_names[k]!r}")
+        rows = self.src.task(k, r0, r1).reshape(-1)
+        if rows.dtype == torch.float32 and rows.device == out.device:
+            torch.sub(rows, base, out=out)
+        else:                                  # convert first: mixed-dtype arithmetic is slow
+            out.copy_(rows)
+            out.sub_(base)
+        if not self.histogram_checks:           # else the fit's histogram pass checks instead
+            self._check(out, f"task {self.spec.task_names[k]!r}")
         return out
 
     def chunks(self, k, chunk_rows):

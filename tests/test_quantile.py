@@ -160,3 +160,18 @@ def test_unselected_rank_is_an_error():
         s.value(90)
     with pytest.raises(IndexError):
         s.select([100])
+
+
+def test_dense_lo_histogram_path_with_many_selected_values():
+    """Heavy ties put far more than a sort's worth of values in the selected buckets."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(-3000, 3000, (300_000,), generator=g).float() * 1e-3
+    pieces = x.split(70_001)
+    s = AbsSelector()
+    for p in pieces:
+        s.add_hi(p)
+    ps = [0.1, 0.5, 0.95, 0.999]
+    s.select([r for p in ps for r in s.quantile_ranks(p)])
+    for p in reversed(pieces):
+        s.add_lo(p)
+    assert [bits(s.quantile(p)) for p in ps] == [bits(np_quantile(x, p)) for p in ps]

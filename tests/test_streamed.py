@@ -185,19 +185,20 @@ def test_plan_tensor():
     assert plan_tensor(spec, (0, 5), 8, 1).chunk_rows == 1
 
 
-@pytest.mark.parametrize("phi", [Identity(), TADrop()], ids=repr)
+@pytest.mark.parametrize("phi", [Identity(), TADrop(), TopK(), TopK(scope="model")], ids=repr)
 def test_nonfinite_error_names_tensor_and_task(phi):
     base, tasks = family((6, 5), 3)
     tasks[2] = tasks[2].clone()
     tasks[2][3, 1] = float("nan")
     spec = MergeSpec("task_arithmetic", phi, ("a", "b", "c"))
-    for plan in (plan_tensor(spec, (6, 5), 3, BIG), TensorPlan(2, False, 0)):
+    gv = [0.1] * 3 if phi.scope == "model" else None
+    for plan in (plan_tensor(spec, (6, 5), 3, BIG), TensorPlan(2, False, 0), TensorPlan(2, True, 0)):
         with pytest.raises(NonFiniteError, match=r"model\.layers\.0\.w.*'c'"):
-            run(spec, "model.layers.0.w", base, tasks, plan)
+            run(spec, "model.layers.0.w", base, tasks, plan, gv)
     base = base.clone()
     base[0, 0] = float("inf")
     with pytest.raises(NonFiniteError, match="layers.0.w.*base"):
-        run(spec, "model.layers.0.w", base, tasks, TensorPlan(2, False, 0))
+        run(spec, "model.layers.0.w", base, tasks, TensorPlan(2, False, 0), gv)
 
 
 def test_model_scope_requires_global_values():
