@@ -31,7 +31,7 @@ from tasks import TASKS
 TADROP = {"kind": "tadrop", "a": 0.5, "b": 0.95, "rescale": "norm", "scope": "tensor"}
 NONE = {"kind": "none"}
 GRID_TA = [0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0]        # TA, TA+TADrop, DARE, consensus alpha
-GRID_TIES = [0.4, 0.7, 1.0, 1.3, 1.6]                 # TIES, TIES+TADrop
+GRID_TIES = [0.4, 0.7, 1.0, 1.3, 1.6, 2.0]       # TIES, TIES+TADrop
 GRID_DARE_P = [0.5, 0.9]
 GRID_TALL = [0.2, 0.3, 0.4, 0.5, 0.6]                 # TALL masks, per task
 VAL_PER_CLASS = 24     # selection scores a fixed val subset: enough to rank lambdas, 2x faster
