@@ -88,6 +88,8 @@ def _tadrop(tau, phi: TADrop, d_global):
 
 def _topk(tau, phi: TopK, t_global):
     n = tau.numel()
+    if n == 0:
+        return tau.clone(), dict(drop_rate=0.0, kept=0)
     if t_global is None:
         keep = max(1, math.floor(phi.density * n))          # the `keep` largest |tau|
         t = float(torch.sort(tau.abs().reshape(-1)).values[n - keep])

@@ -12,7 +12,7 @@ from tadrop import (DARE, AbsSelector, Identity, MemorySink, MemorySource, Merge
                     global_values, merge_state_dicts, merge_tensor, plan_tensor, task_model)
 from tadrop.streamed import METHODS
 
-SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SPARSIFIERS = [Identity(), TADrop(), TADrop(rescale="inverse_keep"), TopK(0.3), DARE(0.4)]
 BIG = 1 << 40
 
