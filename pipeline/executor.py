@@ -7,8 +7,10 @@ calls back in the driver as each job finishes, so the driver can record it in th
 """
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import os
+import signal
 from abc import ABC, abstractmethod
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -45,8 +47,21 @@ class Executor(ABC):
 _RUNNER: JobRunner | None = None
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this worker when the driver dies, so a killed driver never
+    leaves workers behind still writing into the run directory (or holding its terminal's pipes)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the driver died before we got here
+        os._exit(1)
+
+
 def _init_worker(ctx: RunContext) -> None:
     global _RUNNER
+    _die_with_parent()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _RUNNER = JobRunner(ctx)
 
@@ -59,9 +74,8 @@ def _run_job(job: Job) -> dict:
 class LocalExecutor(Executor):
     """N worker processes on this machine, one torch thread each, a bounded window of jobs in flight.
 
-    Workers are forked from a forkserver that has already imported torch and the pipeline, so starting
-    them costs milliseconds instead of one interpreter + torch import each. The pool lives until
-    `close()`, across the phases of a run (they share one context).
+    Workers are spawned (fresh interpreters: no inherited threads or locks) once per run and live
+    until `close()`, across the phases of a run (they share one context).
     """
 
     def __init__(self, workers: int = 2, window: int | None = None):
@@ -76,9 +90,7 @@ class LocalExecutor(Executor):
         if self._pool is not None and self._ctx is not ctx:
             self.close()
         if self._pool is None:
-            mpc = mp.get_context("forkserver")
-            mpc.set_forkserver_preload(["pipeline.job"])
-            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=mpc,
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"),
                                              initializer=_init_worker, initargs=(ctx,))
             self._ctx = ctx
         return self._pool
