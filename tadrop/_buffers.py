@@ -163,3 +163,16 @@ def sum_tasks64(taus: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
             t.copy_(taus[k, i:j])
             o.add_(t)
     return out
+
+
+def f64_inplace(dst: torch.Tensor, src: torch.Tensor, op: str) -> torch.Tensor:
+    """dst (float64) op= src (float32), converting src block by block: torch's
+    mixed-dtype elementwise path is an order of magnitude slower than a cast + op."""
+    step = 1 << 16
+    tmp = scratch("f64.tmp", min(step, dst.numel()), torch.float64, dst.device)
+    for i in range(0, dst.numel(), step):
+        j = min(dst.numel(), i + step)
+        t = tmp[: j - i]
+        t.copy_(src[i:j])
+        getattr(dst[i:j], op + "_")(t)
+    return dst

@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ._buffers import Sum64, scratch, sum_tasks64
+from ._buffers import Sum64, f64_inplace, scratch, sum_tasks64
 
 
 def _flat_tasks(taus: torch.Tensor) -> torch.Tensor:
@@ -32,7 +32,7 @@ def _sum64(t2: torch.Tensor) -> torch.Tensor:
 def task_arithmetic(base, taus, lam, *, out=None) -> torch.Tensor:
     """theta_0 + lam * sum_k tau'_k: the sum and the scaled add in float64, rounded once."""
     S = _sum64(_flat_tasks(taus))
-    S.mul_(lam).add_(base.reshape(-1))
+    f64_inplace(S.mul_(lam), base.reshape(-1), "add")
     out = _out(out, base.shape, torch.float32, base.device)
     out.reshape(-1).copy_(S)
     return out
@@ -48,9 +48,8 @@ def task_sum(taus, *, out=None) -> torch.Tensor:
 
 def _sign32(S: torch.Tensor, name: str, strict: bool) -> torch.Tensor:
     """float32 +-1: +1 where S > 0 (strict) or S >= 0, else -1."""
-    s = scratch(name, S.numel(), torch.float32, S.device)
-    (torch.gt if strict else torch.ge)(S, 0, out=s)
-    return s.mul_(2).sub_(1)
+    b = (torch.gt if strict else torch.ge)(S, 0, out=scratch("m.bool", S.numel(), torch.bool, S.device))
+    return scratch(name, S.numel(), torch.float32, S.device).copy_(b).mul_(2).sub_(1)
 
 
 def _ties_mean64(t2: torch.Tensor) -> torch.Tensor:
@@ -61,7 +60,8 @@ def _ties_mean64(t2: torch.Tensor) -> torch.Tensor:
     agree.relu_()                                          # |tau'_k| where sign(tau'_k) = s, else 0
     num = sum_tasks64(agree, scratch("m.num64", m, torch.float64, t2.device))
     cnt = torch.sum(agree.sign_(), 0, out=scratch("m.cnt", m, torch.float32, t2.device))
-    return num.div_(cnt.clamp_(min=1)).mul_(s)             # zero where no task agrees
+    f64_inplace(num, cnt.clamp_(min=1), "div")              # zero where no task agrees
+    return f64_inplace(num, s, "mul")
 
 
 def ties_vector(taus, *, out=None) -> torch.Tensor:
@@ -76,7 +76,7 @@ def ties_vector(taus, *, out=None) -> torch.Tensor:
 def ties(base, taus, lam, *, out=None) -> torch.Tensor:
     """theta_0 + lam * ties_vector (in float64, rounded once)."""
     v = _ties_mean64(_flat_tasks(taus))
-    v.mul_(lam).add_(base.reshape(-1))
+    f64_inplace(v.mul_(lam), base.reshape(-1), "add")
     out = _out(out, base.shape, torch.float32, base.device)
     out.reshape(-1).copy_(v)
     return out
