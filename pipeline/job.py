@@ -7,7 +7,6 @@ simply run again on resume.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +17,8 @@ from tadrop import AbsSelector, MergeSpec, NonFiniteError, TensorPlan
 from tadrop import streamed
 
 from .checkpoints import Checkpoint
-from .writers import MaskStore, ShardPlan, ShardWriter, atomic_write_bytes
+from .globalstats import SELECTED_FILE, VALUES_FILE, job_file, load_selectors, load_values, save_selectors
+from .writers import MaskStore, ShardPlan, ShardWriter
 
 TORCH_DTYPES = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -26,10 +26,6 @@ TORCH_DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-
-
-SELECTED_FILE = "selected.npz"
-VALUES_FILE = "values.npz"
 
 
 class JobError(RuntimeError):
@@ -178,8 +174,7 @@ class JobRunner:
     def _global_values(self) -> list[float]:
         """Model scope: each task's model-wide drop rate or threshold, written by the driver."""
         if self._values is None:
-            with np.load(self.ctx.global_dir / VALUES_FILE, allow_pickle=False) as z:
-                self._values = [float(v) for v in z["values"]]
+            self._values = load_values(self.ctx.global_dir / VALUES_FILE)
         return self._values
 
     def _release(self, name: str) -> None:
@@ -229,44 +224,22 @@ class JobRunner:
         return {"copied": name}
 
     def _global_hi(self, name: str) -> dict:
-        sels = streamed.global_pass_hi(self.ctx.spec, name, self._source(name), self.ctx.tensor_plans[name])
-        return {"file": self._save_selectors(name, "hi", sels)}
+        sels = streamed.global_pass_hi(self.ctx.spec, name, self._source(name), self.ctx.tensor_plans[name],
+                                       device=self.ctx.device)
+        return self._save_selectors(name, "hi", sels)
 
     def _global_lo(self, name: str) -> dict:
         sels = streamed.global_pass_lo(self.ctx.spec, name, self._source(name), self.ctx.tensor_plans[name],
-                                       self._selected())
-        return {"file": self._save_selectors(name, "lo", sels)}
+                                       self._selected(), device=self.ctx.device)
+        return self._save_selectors(name, "lo", sels)
 
-    def _save_selectors(self, name: str, phase: str, sels: list[AbsSelector]) -> str:
-        arrays = {}
-        for i, s in enumerate(sels):
-            for key, arr in s.to_numpy().items():
-                arrays[f"{i}/{key}"] = arr
-        path = self.ctx.global_dir / phase / f"{_safe(name)}.npz"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        import io
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        atomic_write_bytes(path, buf.getvalue())
-        return str(path.relative_to(self.ctx.state_dir))
+    def _save_selectors(self, name: str, phase: str, sels: list[AbsSelector]) -> dict:
+        path = job_file(self.ctx.global_dir, phase, name)
+        save_selectors(path, sels)
+        return {"file": str(path.relative_to(self.ctx.state_dir))}
 
     def _sync(self) -> None:
         for w in (self.merged_writer, self.unified_writer):
             if w is not None:
                 w.sync()
 
-
-def _safe(name: str) -> str:
-    """A tensor name as a file name (names hold dots, never slashes in practice; be safe anyway)."""
-    return name.replace("/", "%2F")
-
-
-def load_selectors(path: Path, k: int) -> list[AbsSelector]:
-    """Read a per-tensor selector file written by a global job."""
-    with np.load(path, allow_pickle=False) as z:
-        g = {key: z[key] for key in z.files}
-    return [AbsSelector.from_numpy({key.split("/", 1)[1]: g[key] for key in g if key.startswith(f"{i}/")})
-            for i in range(k)]
-
-
-os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -17,19 +17,19 @@ from pathlib import Path
 
 import numpy as np
 
-from tadrop import AbsSelector
 from tadrop import streamed
 
 from .checkpoints import Checkpoint, validate_inputs
 from .config import MergeConfig
 from .executor import Executor, LocalExecutor
 from .faults import crash_point
-from .job import SELECTED_FILE, VALUES_FILE, Job, RunContext, load_selectors
+from .globalstats import SELECTED_FILE, VALUES_FILE, merge_selector_files, save_selectors, save_values
+from .job import Job, RunContext
 from .ledger import Ledger
 from .plan import Plan, describe, make_plan, mask_chunk_rows
 from .progress import Progress
 from .reduce import reduce_run
-from .writers import MaskStore, atomic_write_bytes, atomic_write_json, create_shard_files
+from .writers import MaskStore, atomic_write_json, create_shard_files
 
 log = logging.getLogger("tadrop")
 
@@ -246,41 +246,20 @@ def _model_scope_phases(plan: Plan, ctx: RunContext, executor: Executor, ledger:
                         progress: Progress) -> None:
     """Model scope: per-task statistics over the whole model, in two histogram passes before the merge."""
     k = len(ctx.models)
-    gdir = ctx.state_dir / "global"
+    gdir = ctx.global_dir
     gdir.mkdir(exist_ok=True)
 
     _run_phase(executor, ctx, plan.jobs["global_hi"], ledger, done, progress)
-    sels = _merge_selector_files(ctx.state_dir, [done[j.id]["file"] for j in plan.jobs["global_hi"]], k)
+    sels = merge_selector_files([ctx.state_dir / done[j.id]["file"] for j in plan.jobs["global_hi"]], k)
     streamed.global_select(plan.spec, sels)
-    _save_npz(gdir / SELECTED_FILE,
-              {f"{i}/{key}": arr for i, s in enumerate(sels) for key, arr in s.to_numpy().items()})
+    save_selectors(gdir / SELECTED_FILE, sels)
 
     _run_phase(executor, ctx, plan.jobs["global_lo"], ledger, done, progress)
-    lo = _merge_selector_files(ctx.state_dir, [done[j.id]["file"] for j in plan.jobs["global_lo"]], k)
+    lo = merge_selector_files([ctx.state_dir / done[j.id]["file"] for j in plan.jobs["global_lo"]], k)
     for s, part in zip(sels, lo):
         s.merge_lo(part)
     values = streamed.global_values(plan.spec, sels)
-    _save_npz(gdir / VALUES_FILE, {"values": np.asarray(values, dtype=np.float64)})
-
-
-def _merge_selector_files(state: Path, files: list[str], k: int) -> list[AbsSelector]:
-    total: list[AbsSelector] | None = None
-    for f in files:
-        part = load_selectors(state / f, k)
-        if total is None:
-            total = part
-        else:
-            for t, p in zip(total, part):
-                t.merge(p)
-    assert total is not None
-    return total
-
-
-def _save_npz(path: Path, arrays: dict) -> None:
-    import io
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
+    save_values(gdir / VALUES_FILE, values)
 
 
 # -- status ----------------------------------------------------------------------------------------------
