@@ -8,10 +8,9 @@ from .methods import (EMRChunk, EMRPartials, consensus, consensus_mask, emr, emr
                       ties_vector)
 from .quantile import AbsSelector, NonFiniteError, abs_quantiles, kth_smallest_abs
 from .sparsify import DARE, ChunkKey, Identity, Sparsifier, SparsifyStats, TADrop, TopK
-from .streamed import (MemorySink, MemorySource, MergeSpec, TensorPlan, TensorResult, TensorSink,
-                       TensorSource, global_pass_hi, global_pass_lo, global_select, global_values,
-                       merge_tensor,
-                       plan_tensor)
+from .spec import MemorySink, MemorySource, MergeSpec, TensorSink, TensorSource
+from .streamed import (TensorPlan, TensorResult, global_pass_hi, global_pass_lo, global_select, global_values,
+                       merge_tensor, plan_tensor)
 from .reference import MergeResult, merge_state_dicts, task_model
 
 __all__ = [

@@ -20,7 +20,7 @@ import torch
 from .methods import EMRPartials, emr_rescalers
 from .quantile import NonFiniteError
 from .sparsify import DARE, ChunkKey, Identity, TADrop, TopK
-from .streamed import MergeSpec
+from .spec import MergeSpec
 
 StateDict = Mapping[str, torch.Tensor]
 

@@ -11,168 +11,29 @@ One call of `merge_tensor` handles one tensor name for all K tasks:
           accumulated on the way.
 Sources hand out rows in their stored dtype (often zero-copy mmap views): the
 engine only ever reads them, converting into its own float32 buffers on
-`device`.  Streamed and whole runs give bit-identical masks and values equal
-up to float32 rounding (only the float64 norm sums see the chunking).
+`device`.  Streamed and whole runs give the same bits (masks, values, stats):
+every float64 sum is chunking-invariant (`_buffers.Sum64`).
 Model scope adds two statistics passes (`global_pass_hi`, `global_pass_lo`)
-whose per-tensor selectors the caller merges per task (`AbsSelector.merge`)
-before `global_values`.
+whose per-tensor selectors the caller merges per task (`AbsSelector.merge`,
+`merge_lo`) before `global_values`.  MergeSpec, the source/sink protocols and
+their in-memory versions live in spec.py (re-exported here).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import torch
 
 from . import methods as M
 from ._buffers import scratch
 from .quantile import AbsSelector, NonFiniteError
-from .sparsify import ChunkKey, Identity, Sparsifier, SparsifyStats, TADrop, TopK
+from .sparsify import ChunkKey, Sparsifier, SparsifyStats, TADrop, TopK
+from .spec import (METHODS, MemorySink, MemorySource, MergeSpec, TensorSink,  # noqa: F401 (re-exported)
+                   TensorSource, _geometry, _rows_shape)
 
-METHODS = ("task_arithmetic", "ties", "emr", "tall_masks", "consensus")
-_DEFAULT_LAM = {"task_arithmetic": 0.3, "ties": 1.0}
-_OUTPUTS = {
-    "task_arithmetic": frozenset({"merged"}),
-    "ties": frozenset({"merged"}),
-    "emr": frozenset({"unified", "masks"}),
-    "tall_masks": frozenset({"unified", "masks"}),
-    "consensus": frozenset({"merged", "masks"}),
-}
 _FIXED_BYTES = 1 << 20   # histograms, one DARE block, float64 tails: not proportional to the tensor
-
-
-@dataclass(frozen=True)
-class MergeSpec:
-    """Everything the maths needs to merge one tensor (SPEC section 2 defaults).
-
-    sparsifier None -> the method's default Phi (ties: TopK(0.2), else Identity);
-    lam None -> 0.3 (task_arithmetic) / 1.0 (ties); weights None -> all 1;
-    tall_lambdas may be one float for every task.
-    """
-    method: str
-    sparsifier: Sparsifier | None = None
-    task_names: tuple[str, ...] = ()
-    weights: tuple[float, ...] | None = None
-    lam: float | None = None
-    emr_rescaler: str = "official"
-    tall_lambdas: tuple[float, ...] | float = 0.4
-    tall_inner: str = "task_arithmetic"
-    consensus_k_min: int = 2
-    consensus_alpha: float = 0.3
-    consensus_inner: str = "task_arithmetic"
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown merge method {self.method!r}; expected one of {METHODS}")
-        K = len(self.task_names)
-        put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
-        put("task_names", tuple(self.task_names))
-        if self.sparsifier is None:
-            put("sparsifier", TopK(0.2) if self.method == "ties" else Identity())
-        if self.lam is None:
-            put("lam", _DEFAULT_LAM.get(self.method))
-        put("weights", (1.0,) * K if self.weights is None else tuple(float(w) for w in self.weights))
-        tl = self.tall_lambdas
-        put("tall_lambdas", (float(tl),) * K if isinstance(tl, (int, float)) else tuple(map(float, tl)))
-        if len(self.weights) != K or len(self.tall_lambdas) != K:
-            raise ValueError("weights and tall_lambdas need one entry per task")
-        for attr in ("tall_inner", "consensus_inner"):
-            if getattr(self, attr) not in ("task_arithmetic", "ties"):
-                raise ValueError(f"{attr} must be task_arithmetic or ties")
-        if self.emr_rescaler not in ("official", "global"):
-            raise ValueError("emr_rescaler must be official or global")
-
-    @property
-    def K(self) -> int:
-        return len(self.task_names)
-
-    @property
-    def outputs(self) -> frozenset:
-        """Which of 'merged', 'unified', 'masks' this method writes."""
-        return _OUTPUTS[self.method]
-
-
-class TensorSource(Protocol):
-    """Rows of the base and task tensors of one name.  0-d tensors have 1 row of 1."""
-    shape: tuple
-    rows: int
-    row_numel: int
-
-    def base(self, r0: int, r1: int) -> torch.Tensor: ...     # stored dtype, read only
-    def task(self, k: int, r0: int, r1: int) -> torch.Tensor: ...
-
-
-class TensorSink(Protocol):
-    """Receives float32/bool rows on the engine's device; the tensors are reused
-    buffers: consume (cast, copy, write) before returning."""
-    def merged(self, r0: int, r1: int, theta: torch.Tensor) -> None: ...
-    def unified(self, r0: int, r1: int, vec: torch.Tensor) -> None: ...
-    def masks(self, r0: int, r1: int, masks: torch.Tensor) -> None: ...   # bool [K, r1-r0, *rest]
-
-
-def _geometry(shape) -> tuple[int, int, int]:
-    """(numel, rows, row_numel) of a tensor shape; a 0-d tensor is one row of one."""
-    shape = tuple(shape)
-    n = math.prod(shape)
-    if not shape:
-        return 1, 1, 1
-    return n, shape[0], math.prod(shape[1:])
-
-
-def _rows_shape(shape, r0: int, r1: int) -> tuple:
-    return tuple(shape) if len(shape) == 0 else (r1 - r0, *shape[1:])
-
-
-class MemorySource:
-    """A TensorSource over in-memory tensors (tests, benchmarks, the reference)."""
-
-    def __init__(self, base: torch.Tensor, tasks: Sequence[torch.Tensor]):
-        self._base, self._tasks = base, list(tasks)
-        self.shape = tuple(base.shape)
-        _, self.rows, self.row_numel = _geometry(self.shape)
-
-    def _rows(self, t, r0, r1):
-        return (t.reshape(1) if t.dim() == 0 else t)[r0:r1]
-
-    def base(self, r0, r1):
-        return self._rows(self._base, r0, r1)
-
-    def task(self, k, r0, r1):
-        return self._rows(self._tasks[k], r0, r1)
-
-
-class MemorySink:
-    """A TensorSink that assembles the outputs in memory (float32 / bool, on CPU)."""
-
-    def __init__(self, shape, K: int):
-        self.shape, self.K = tuple(shape), K
-        self.merged_t = self.unified_t = self.masks_t = None
-
-    def _put(self, dst, r0, r1, src):
-        if len(self.shape) == 0:
-            dst.copy_(src.reshape(dst.shape))
-        else:
-            dst[r0:r1].copy_(src)
-
-    def merged(self, r0, r1, theta):
-        if self.merged_t is None:
-            self.merged_t = torch.empty(self.shape, dtype=torch.float32)
-        self._put(self.merged_t, r0, r1, theta)
-
-    def unified(self, r0, r1, vec):
-        if self.unified_t is None:
-            self.unified_t = torch.empty(self.shape, dtype=torch.float32)
-        self._put(self.unified_t, r0, r1, vec)
-
-    def masks(self, r0, r1, masks):
-        if self.masks_t is None:
-            self.masks_t = torch.empty((self.K, *self.shape), dtype=torch.bool)
-        if len(self.shape) == 0:
-            self.masks_t.copy_(masks.reshape(self.K))
-        else:
-            self.masks_t[:, r0:r1].copy_(masks)
 
 
 @dataclass(frozen=True)
