@@ -2,7 +2,7 @@
 
 See shared/SPEC.md for the semantics and docs/ARCHITECTURE.md for the contracts.
 """
-from ._buffers import release_scratch
+from ._buffers import begin_scratch_generation, release_scratch
 from .methods import (EMRChunk, EMRPartials, consensus, consensus_mask, emr, emr_rescalers,
                       emr_task_model, tall_masks, tall_task_model, task_arithmetic, task_sum, ties,
                       ties_vector)
@@ -22,5 +22,5 @@ __all__ = [
     "MergeSpec", "TensorSource", "TensorSink", "TensorPlan", "TensorResult", "MemorySource",
     "MemorySink", "plan_tensor", "merge_tensor", "global_pass_hi", "global_pass_lo", "global_select",
     "global_values",
-    "MergeResult", "merge_state_dicts", "task_model", "release_scratch",
+    "MergeResult", "merge_state_dicts", "task_model", "release_scratch", "begin_scratch_generation",
 ]

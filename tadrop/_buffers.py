@@ -18,29 +18,50 @@ import torch
 
 _local = threading.local()
 
-def scratch(name: str, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """A 1-D tensor of `numel` elements (uninitialised), reused across calls."""
-    device = torch.device(device)
+def _pool() -> dict:
     pool = getattr(_local, "pool", None)
     if pool is None:
         pool = _local.pool = {}
+        _local.gen, _local.cap = 0, None
+    return pool
+
+
+def begin_scratch_generation(cap_bytes: int | None) -> None:
+    """Starts a unit of work (one tensor) that should hold at most `cap_bytes` of scratch:
+    when a new buffer would take the pool past the cap, buffers this unit has not
+    used are dropped first.  Keeps reuse across tensors without letting buffers of
+    different shapes of work pile up beyond a worker's memory budget."""
+    _pool()
+    _local.gen += 1
+    _local.cap = cap_bytes
+
+
+def scratch(name: str, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """A 1-D tensor of `numel` elements (uninitialised), reused across calls."""
+    device = torch.device(device)
+    pool = _pool()
     key = (name, dtype, device)
-    buf = pool.get(key)
-    if buf is None or buf.numel() < numel:
-        pool[key] = None  # drop the old one before allocating the new one
-        buf = pool[key] = torch.empty(max(numel, 1), dtype=dtype, device=device)
-    return buf[:numel]
+    entry = pool.get(key)
+    if entry is None or entry[0].numel() < numel:
+        pool.pop(key, None)             # drop the old one before allocating the new one
+        need = max(numel, 1) * torch.empty((), dtype=dtype).element_size()
+        if _local.cap is not None and scratch_bytes() + need > _local.cap:
+            for k in [k for k, (_, g) in pool.items() if g != _local.gen]:
+                del pool[k]             # views handed out earlier stay valid (refcounted)
+        entry = (torch.empty(max(numel, 1), dtype=dtype, device=device), _local.gen)
+    pool[key] = (entry[0], _local.gen)
+    return entry[0][:numel]
 
 
 def release_scratch() -> None:
     """Frees every buffer this thread keeps (e.g. after the last tensor of a job)."""
     _local.pool = {}
+    _local.gen, _local.cap = 0, None
 
 
 def scratch_bytes() -> int:
-    """Bytes this thread's scratch pool holds (for memory accounting in tests)."""
-    pool = getattr(_local, "pool", None) or {}
-    return sum(b.numel() * b.element_size() for b in pool.values() if b is not None)
+    """Bytes this thread's scratch pool holds."""
+    return sum(b.numel() * b.element_size() for b, _ in _pool().values())
 
 
 SUM_BLOCK = 1 << 12          # float64 sums: fixed blocks of the flat index

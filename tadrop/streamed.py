@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 
 from . import methods as M
-from ._buffers import scratch
+from ._buffers import begin_scratch_generation, scratch
 from .quantile import AbsSelector, NonFiniteError
 from .sparsify import ChunkKey, Sparsifier, SparsifyStats, TADrop, TopK
 from .spec import (METHODS, MemorySink, MemorySource, MergeSpec, TensorSink,  # noqa: F401 (re-exported)
@@ -211,6 +211,7 @@ def merge_tensor(spec: MergeSpec, name: str, src: TensorSource, sink: TensorSink
                  global_values: Sequence[float] | None = None, device="cpu") -> TensorResult:
     """Merges one tensor (all K tasks) chunk by chunk; returns its stats rows and EMR partials."""
     K, phi, dev = spec.K, spec.sparsifier, torch.device(device)
+    begin_scratch_generation(plan.est_bytes)
     rd = _Reader(name, src, spec, dev)
     n, rows, rn = rd.n, rd.rows, rd.rn
     if phi.needs_fit and phi.scope == "model" and global_values is None:
@@ -288,6 +289,7 @@ def global_pass_hi(spec: MergeSpec, name: str, src: TensorSource, plan: TensorPl
                    device="cpu") -> list[AbsSelector]:
     """Per task: this tensor's hi histogram of |tau_k| (merge them per task over the model)."""
     _global_phi(spec)
+    begin_scratch_generation(plan.est_bytes)
     rd = _Reader(name, src, spec, device)
     out = []
     for k in range(spec.K):
@@ -316,6 +318,7 @@ def global_pass_lo(spec: MergeSpec, name: str, src: TensorSource, plan: TensorPl
     need; `selectors` are the merged hi selectors (not modified).  Merge the
     returned parts into them, then call `global_values`."""
     phi = _global_phi(spec)
+    begin_scratch_generation(plan.est_bytes)
     rd = _Reader(name, src, spec, device)
     out = []
     for k in range(spec.K):

@@ -223,3 +223,24 @@ def test_cuda_matches_cpu():
             if x is not None:
                 torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
         assert [r["kept"] for r in ra.stats] == [r["kept"] for r in rb.stats]
+
+
+def test_scratch_pool_stays_near_the_plan():
+    """Buffers reused across tensors, but those a tensor does not use are dropped once the
+    pool would exceed that tensor's plan: no pile-up of every shape of work seen."""
+    from tadrop import release_scratch
+    from tadrop._buffers import scratch_bytes
+    release_scratch()
+    big = (256, 256)
+    spec = MergeSpec("emr", TADrop(), names(4))
+    base, tasks = family(big, 4)
+    whole = plan_tensor(spec, big, 4, BIG)
+    run(spec, "a", base, tasks, whole)
+    after_whole = scratch_bytes()
+    assert after_whole <= whole.est_bytes
+    small_plan = plan_tensor(spec, big, 4, whole.est_bytes // 8)
+    assert small_plan.chunk_rows < 256
+    run(spec, "a", base, tasks, small_plan)
+    assert scratch_bytes() <= max(small_plan.est_bytes, after_whole)
+    release_scratch()
+    assert scratch_bytes() == 0
