@@ -117,7 +117,7 @@ def _threshold(sel: AbsSelector, chunks: Chunks, rank: int) -> tuple[float, int]
 
 @dataclass(frozen=True)
 class TADrop(Sparsifier):
-    """Tail-adaptive drop (arXiv 2508.06163), SPEC 1.
+    """TADrop ("One Size Does Not Fit All", arXiv 2508.06163), SPEC 1.
 
     d = Q_a(|tau|) / (Q_b(|tau|) + eps) clamped to [0, 1]; k = floor(d n); keep
     |tau| >= t, t the (k+1)-th smallest |tau| (k = 0 keeps all, k = n drops all:
