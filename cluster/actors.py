@@ -38,7 +38,9 @@ class JobActor:
         return self._runner.run(job)
 
     def where(self) -> dict:
-        return {"pid": os.getpid(), "host": socket.gethostname(), "node": ray.get_runtime_context().get_node_id()}
+        import torch
+        return {"pid": os.getpid(), "host": socket.gethostname(), "node": ray.get_runtime_context().get_node_id(),
+                "torch_threads": torch.get_num_threads(), "omp_threads": os.environ.get("OMP_NUM_THREADS")}
 
 
 RemoteJobActor = ray.remote(JobActor)

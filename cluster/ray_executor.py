@@ -80,6 +80,7 @@ class RayExecutor(Executor):
         self._ctx, self._ctx_ref = ctx, ray.put(ctx)
         if not self._slots:
             self._t_actors = time.perf_counter()
+            self.timings.pop("actors_first_s", None)
             self._slots = [Slot.start(self.resources, self._ctx_ref) for _ in range(self.actors)]
         else:
             for s in self._slots:
@@ -102,9 +103,12 @@ class RayExecutor(Executor):
         disconnect(self._conn)
         self._conn = None
 
+    def actor_info(self) -> list[dict]:
+        """Where each ready actor runs (pid, host, node, thread counts), as its setup reported."""
+        return [dict(s.where) for s in self._slots if s.ready]
+
     def actor_pids(self) -> list[int]:
-        """PIDs of the ready actors (for tests that kill one)."""
-        return [s.where["pid"] for s in self._slots if s.ready]
+        return [w["pid"] for w in self.actor_info()]
 
     # -- the run --------------------------------------------------------------------------------------
     def run(self, ctx: RunContext, jobs: Sequence[Job], on_result: OnResult) -> None:
@@ -118,10 +122,16 @@ class RayExecutor(Executor):
             raise
 
     def _on_ready(self, slot: Slot) -> None:
-        if self._t_actors is not None and all(s.ready for s in self._slots):
-            self.timings["actors_s"] = round(time.perf_counter() - self._t_actors, 3)
-            log.info("ray: %d actors ready in %.2f s (%s each)", len(self._slots), self.timings["actors_s"],
-                     self.resources.describe())
+        """Log start-up: when work can begin (first actor) and when the pool is complete."""
+        if self._t_actors is None:
+            return
+        elapsed = round(time.perf_counter() - self._t_actors, 3)
+        if "actors_first_s" not in self.timings:
+            self.timings["actors_first_s"] = elapsed
+            log.info("ray: first actor ready in %.2f s (%s each)", elapsed, self.resources.describe())
+        if all(s.ready for s in self._slots):
+            self.timings["actors_all_s"] = elapsed
+            log.info("ray: all %d actors ready in %.2f s", len(self._slots), elapsed)
             self._t_actors = None
 
 

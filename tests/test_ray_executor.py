@@ -1,16 +1,17 @@
 """The Ray executor gives the local executor's bytes: every method, after a killed actor, and on errors."""
 from __future__ import annotations
 
+import io
 import logging
 import os
 import signal
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import load_config
+from pipeline.executor import Executor
 from pipeline.job import JobError
 from pipeline.run import merge, status
 
@@ -75,33 +76,31 @@ def test_from_config_resources(tmp_path, family):
     assert RayExecutor.from_config(cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"actors": None})})).actors == 3
 
 
-class _KillOneActor(RayExecutor):
-    """SIGKILLs one actor's process right after the first job of the merge phase has finished."""
+class _KillOneActor(Executor):
+    """Runs on `inner`'s actors; SIGKILLs one actor process right after the merge phase's first result."""
 
-    killed: int | None = None
+    def __init__(self, inner: RayExecutor):
+        self.inner, self.killed = inner, None
 
     def run(self, ctx, jobs, on_result):
         def hook(job, result):
             on_result(job, result)
             if self.killed is None and job.kind == "merge":
-                self.killed = self.actor_pids()[0]
+                self.killed = self.inner.actor_pids()[0]
                 os.kill(self.killed, signal.SIGKILL)
-        super().run(ctx, jobs, hook)
+        self.inner.run(ctx, jobs, hook)
 
 
-def test_killed_actor_job_reruns_same_bytes(tmp_path, ray_session, caplog):
+def test_killed_actor_job_reruns_same_bytes(tmp_path, ray_ex, caplog):
     family = make_family(tmp_path / "models", k=3, seed=5, **MEDIUM)
     kw = dict(method="emr", sparsify=TADROP)
     local = load_config(write_config(tmp_path / "local.yaml", family, tmp_path / "local", **kw))
     merge(local, quiet=True)
     cfg = load_config(write_config(tmp_path / "ray.yaml", family, tmp_path / "ray", executor="ray", **kw))
-    ex = _KillOneActor(2, resources=ActorResources(num_cpus=1))
-    try:
-        with caplog.at_level(logging.WARNING, logger="tadrop"):
-            merge(cfg, quiet=True, executor=ex)
-        assert ex.killed is not None and ex.killed not in ex.actor_pids()
-    finally:
-        ex.close()
+    ex = _KillOneActor(ray_ex)
+    with caplog.at_level(logging.WARNING, logger="tadrop"):
+        merge(cfg, quiet=True, executor=ex)
+    assert ex.killed is not None and ex.killed not in ray_ex.actor_pids()
     assert "re-running it on a fresh actor" in caplog.text
     assert tree_digest(tmp_path / "ray") == tree_digest(tmp_path / "local")
 
@@ -119,22 +118,17 @@ def test_job_error_names_the_tensor_and_run_stays_resumable(tmp_path, ray_ex):
         merge(cfg, quiet=True, executor=ray_ex)
     msg = str(err.value)
     assert bad in msg and "ray::" not in msg and "Traceback" not in msg
-    assert status(tmp_path / "run", out=open(os.devnull, "w")) == 3
+    assert status(tmp_path / "run", out=io.StringIO()) == 3
     # the executor is still usable after a failed run (fresh actors)
     ok = make_family(tmp_path / "ok", k=2, seed=4)
     cfg2 = load_config(write_config(tmp_path / "c2.yaml", ok, tmp_path / "run2", method="task_arithmetic"))
     merge(cfg2, quiet=True, executor=ray_ex)
-    assert status(tmp_path / "run2", out=open(os.devnull, "w")) == 0
+    assert status(tmp_path / "run2", out=io.StringIO()) == 0
 
 
-def test_actor_uses_one_torch_thread(ray_ex, family, tmp_path):
-    import ray
-
-    from cluster.actors import RemoteJobActor
-    a = RemoteJobActor.options(**ActorResources(num_cpus=1).options()).remote()
-    try:
-        threads, omp = ray.get(a.__ray_call__.remote(lambda self: (torch.get_num_threads(),
-                                                                    os.environ.get("OMP_NUM_THREADS"))))
-    finally:
-        ray.kill(a)
-    assert (threads, omp) == (1, "1")
+def test_actors_use_one_torch_thread(tmp_path, family, ray_ex):
+    cfg = load_config(write_config(tmp_path / "c.yaml", family, tmp_path / "run", method="task_arithmetic"))
+    merge(cfg, quiet=True, executor=ray_ex)
+    info = ray_ex.actor_info()
+    assert info and len({w["pid"] for w in info}) == len(info)
+    assert all(w["torch_threads"] == 1 and w["omp_threads"] == "1" for w in info), info

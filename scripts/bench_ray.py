@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""Ray executor vs local executor on the pipeline benchmark's K=4 merges, in one run.
+
+Same inputs as scripts/bench_merge.py (LLaMA-shaped, ~1.08 GB bf16 each, cached under bench_data/),
+same CLI (`tadrop merge ... --workers 2`), once with `--executor local` and once with
+`--executor ray` (a private local Ray instance, 2 actors), alternating the order on each repeat.
+Ray's start-up (instance + actors) is read from the driver's log and reported apart from the
+merge; the outputs of the two executors are compared byte for byte.
+
+    nice python3 scripts/bench_ray.py                  # ties-k4 and emr_tadrop-k4, 1 repeat
+    python3 scripts/bench_ray.py --repeats 2 --methods emr_tadrop
+
+Writes bench/ray.json and bench/ray.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import re
+import shlex
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+import bench_merge as bm  # noqa: E402
+
+CONNECT = re.compile(r"ray: connected to the (.+?) in ([0-9.]+) s")
+ACTORS = re.compile(r"ray: first actor ready in ([0-9.]+) s")
+TARGET_RATIO = 1.15
+
+
+def digest(run: Path) -> dict[str, str]:
+    """sha256 of every output file (run.json and the .tadrop working state aside)."""
+    out = {}
+    for p in sorted(run.rglob("*")):
+        rel = p.relative_to(run)
+        if p.is_file() and rel.parts[0] not in (".tadrop", "run.json"):
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                while chunk := f.read(16 << 20):
+                    h.update(chunk)
+            out[str(rel)] = h.hexdigest()
+    return out
+
+
+def run_one(method: str, executor: str, rep: int, man: dict, args) -> dict:
+    data = args.data
+    name = f"ray-bench-{method}-k{args.k}-{executor}"
+    run_dir, log = data / "runs" / name, data / "logs" / f"{name}-{rep}.log"
+    cfg = data / "configs" / f"{name}.yaml"
+    for d in (run_dir.parent, log.parent, cfg.parent):
+        d.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cfg.write_text(bm.tadrop_config(bm.Case("tadrop", method, args.k, executor), man, run_dir))
+    nice = ["nice", "-n", str(args.nice)] if args.nice else []
+    cmd = nice + bm.tadrop_cmd(args) + ["merge", str(cfg), "--workers", str(args.workers),
+                                        "--memory-budget", args.memory_budget, "--executor", executor]
+    inputs = [Path(man["base"])] + [Path(man["tasks"][n]) for n in man["params"]["names"][: args.k]]
+    cache = bm.cache_state(args.cache, inputs)
+    print(f"[{name} #{rep}] {cache}; running ...", flush=True)
+    env = dict(bm.os.environ, PYTHONUNBUFFERED="1", RAY_ADDRESS="")
+    m = bm.run_measured(cmd, log, env=env)
+    text = log.read_text(errors="replace")
+    c, a = CONNECT.search(text), ACTORS.search(text)
+    timings = {}
+    if (run_dir / "run.json").exists():
+        timings = json.loads((run_dir / "run.json").read_text()).get("timings", {})
+    r = {"method": method, "k": args.k, "executor": executor, "repeat": rep, "rc": m["rc"],
+         "wall_s": round(m["wall_s"], 2), "peak_rss_gib": round(m["rss"] / bm.GiB, 3),
+         "peak_anon_gib": round(m["anon"] / bm.GiB, 3), "peak_procs": m["procs"], "cache": cache,
+         "ray_connect_s": float(c.group(2)) if c else None, "ray_actors_s": float(a.group(1)) if a else None,
+         "map_s": timings.get("map_s"), "reduce_s": timings.get("reduce_s"), "log": bm._rel(log)}
+    startup = (r["ray_connect_s"] or 0) + (r["ray_actors_s"] or 0)
+    r["ray_startup_s"] = round(startup, 2) if executor == "ray" else None
+    r["wall_minus_startup_s"] = round(r["wall_s"] - startup, 2)
+    r["digest"] = digest(run_dir) if m["rc"] == 0 and not args.no_verify else None
+    status = "ok" if m["rc"] == 0 else f"FAILED rc={m['rc']} (see {r['log']})"
+    extra = f", Ray start-up {startup:.1f} s" if executor == "ray" else ""
+    print(f"[{name} #{rep}] {status}: {r['wall_s']:.1f} s{extra}", flush=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return r
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    rows = []
+    for method in sorted({r["method"] for r in results}):
+        by = {e: [r for r in results if r["method"] == method and r["executor"] == e and r["rc"] == 0]
+              for e in ("local", "ray")}
+        if not by["local"] or not by["ray"]:
+            rows.append({"method": method, "error": "a run failed"})
+            continue
+        med = {e: statistics.median(r["wall_s"] for r in rs) for e, rs in by.items()}
+        ray_net = statistics.median(r["wall_minus_startup_s"] for r in by["ray"])
+        start = statistics.median(r["ray_startup_s"] for r in by["ray"])
+        digests = [r["digest"] for r in by["local"] + by["ray"] if r["digest"] is not None]
+        rows.append({
+            "method": method, "k": by["local"][0]["k"], "local_wall_s": med["local"], "ray_wall_s": med["ray"],
+            "ray_startup_s": start, "ray_wall_minus_startup_s": ray_net,
+            "ratio": round(med["ray"] / med["local"], 3),
+            "ratio_minus_startup": round(ray_net / med["local"], 3),
+            "meets_target": ray_net / med["local"] <= TARGET_RATIO,
+            "identical_bytes": (all(d == digests[0] for d in digests) if len(digests) > 1 else None),
+        })
+    return rows
+
+
+def write_report(results: list[dict], rows: list[dict], meta: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    slim = [{k: v for k, v in r.items() if k != "digest"} for r in results]
+    (out / "ray.json").write_text(json.dumps({"meta": meta, "summary": rows, "runs": slim}, indent=2) + "\n")
+    label = {"ties": "TIES (top-k 0.2)", "emr_tadrop": "EMR + TADrop", "task_arithmetic": "Task arithmetic"}
+    md = ["# Ray executor vs local executor", "",
+          f"{meta['date']} on {meta['machine']}; LLaMA-shaped bf16 checkpoints of {meta['model_gb']:.2f} GB "
+          f"(scripts/make_demo_models.py, as scripts/bench_merge.py), K={meta['k']}; "
+          f"`tadrop merge --workers {meta['workers']} --memory-budget {meta['memory_budget']}` with "
+          f"`--executor local` (processes) and `--executor ray` (a private local Ray instance, "
+          f"{meta['workers']} actors of 1 CPU); median of {meta['repeats']} run(s) each, order alternated; "
+          f"`nice -n {meta['nice']}`.", "",
+          "| merge | local s | Ray s | Ray start-up s | Ray minus start-up s | ratio | ratio minus start-up "
+          f"| within {round((TARGET_RATIO - 1) * 100)}% | identical bytes |",
+          "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    for r in rows:
+        if "error" in r:
+            md.append(f"| {label[r['method']]} | {r['error']} | | | | | | | |")
+            continue
+        same = {True: "yes", False: "**no**", None: "not checked"}[r["identical_bytes"]]
+        md.append(f"| {label[r['method']]} K={r['k']} | {r['local_wall_s']:.1f} | {r['ray_wall_s']:.1f} | "
+                  f"{r['ray_startup_s']:.1f} | {r['ray_wall_minus_startup_s']:.1f} | {r['ratio']:.2f} | "
+                  f"{r['ratio_minus_startup']:.2f} | {'yes' if r['meets_target'] else '**no**'} | {same} |")
+    md += ["", "Wall time is the whole CLI process (plan, map, reduce). Ray start-up = the private instance "
+           "(`ray.init(address=\"local\")`) plus the actors' first `setup` answer, read from the driver's log; "
+           "on a cluster joined with `ray job submit` the instance already runs and only the actors start. "
+           "The target compares the merge itself: Ray minus start-up within 15% of local.", "",
+           "| run | executor | wall s | start-up s | map s | reduce s | peak RSS GiB | cache |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in results:
+        md.append(f"| {r['method']} #{r['repeat']} | {r['executor']} | {r['wall_s']:.1f} | "
+                  f"{r['ray_startup_s'] if r['ray_startup_s'] is not None else ''} | {r['map_s']} | "
+                  f"{r['reduce_s']} | {r['peak_rss_gib']:.2f} | {r['cache']} |")
+    md += ["", f"Command: `{meta['command']}`", ""]
+    (out / "ray.md").write_text("\n".join(md))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=REPO / "bench_data")
+    ap.add_argument("--out", type=Path, default=REPO / "bench")
+    ap.add_argument("--methods", default="ties,emr_tadrop", help="comma-separated: ties, emr_tadrop, task_arithmetic")
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--memory-budget", default="2GiB")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--cache", choices=["auto", "cold", "warm"], default="warm",
+                    help="warm (default): inputs pre-read before each run, the fair comparison of executors")
+    ap.add_argument("--nice", type=int, default=10)
+    ap.add_argument("--tadrop", help="command for tadrop (default: `tadrop` on PATH, else python -m pipeline.cli)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-verify", action="store_true", help="skip the byte-for-byte comparison")
+    args = ap.parse_args(argv)
+    args.data = args.data.resolve()
+    methods = args.methods.split(",")
+
+    man = bm.ensure_data(args.data, args.k, args.seed)
+    results = []
+    for rep in range(args.repeats):
+        order = ("local", "ray") if rep % 2 == 0 else ("ray", "local")
+        for method in methods:
+            for executor in order:
+                results.append(run_one(method, executor, rep, man, args))
+    rows = summarize(results)
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": bm.machine(), "workers": args.workers, "memory_budget": args.memory_budget,
+            "k": args.k, "repeats": args.repeats, "nice": args.nice, "model_gb": man["total_size"] / 1e9,
+            "command": "python3 scripts/bench_ray.py " + shlex.join(argv if argv is not None else sys.argv[1:])}
+    write_report(results, rows, meta, args.out)
+    for r in rows:
+        print(json.dumps(r))
+    print(f"wrote {args.out / 'ray.json'} and {args.out / 'ray.md'}")
+    return 0 if all(r["rc"] == 0 for r in results) and all("error" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
