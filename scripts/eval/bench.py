@@ -192,9 +192,11 @@ def main(argv=None) -> None:
     ap.add_argument("--until", choices=STEPS, default="write", help="stop after this step")
     ap.add_argument("--workers", type=int, default=2, help="tadrop merge workers")
     ap.add_argument("--no-strict", action="store_true", help="go on when the data hash differs")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for fine-tuning and scoring (1: leave the other core to others)")
     ap.add_argument("--bench-out", type=Path, default=merges.REPO / "bench")
     a = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
     t_start = time.time()
     b = Bench(a.work, a.workers)
     timings = {}

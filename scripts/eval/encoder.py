@@ -89,9 +89,14 @@ def load_task(data_dir: Path, name: str) -> dict:
 
 
 @torch.no_grad()
-def accuracy(model, task: dict, split: str) -> float:
+def correct(model, task: dict, split: str) -> list[bool]:
+    """Per-example correctness, in the split's order (for paired comparisons)."""
     rows = task["splits"][split]
     emb = embed_all(model, [t for t, _ in rows])
     pred = logits(emb, task).argmax(-1)
-    gold = torch.tensor([y for _, y in rows])
-    return float((pred == gold).float().mean())
+    return (pred == torch.tensor([y for _, y in rows])).tolist()
+
+
+def accuracy(model, task: dict, split: str) -> float:
+    c = correct(model, task, split)
+    return sum(c) / len(c)

@@ -15,28 +15,44 @@ import torch
 import encoder
 
 
+PAIRED_SPLITS = ("test",)   # splits whose per-example correctness is kept (paired bootstrap)
+
+
 class Scores:
-    """{label: {split: {task: accuracy}}} persisted after every new score."""
+    """{label: {split: {task: accuracy}}} persisted after every new score, plus
+    per-example correctness ('0101...') of test scores in a sibling file."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.bits_path = self.path.with_name(self.path.stem + "_examples.json")
         self.data: dict = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.bits: dict = json.loads(self.bits_path.read_text()) if self.bits_path.exists() else {}
 
     def get(self, label: str, split: str, task: str) -> float | None:
+        if split in PAIRED_SPLITS and self.examples(label, split, task) is None:
+            return None
         return self.data.get(label, {}).get(split, {}).get(task)
 
-    def put(self, label: str, split: str, task: str, acc: float) -> None:
-        self.data.setdefault(label, {}).setdefault(split, {})[task] = acc
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+    def examples(self, label: str, split: str, task: str) -> list[bool] | None:
+        s = self.bits.get(label, {}).get(split, {}).get(task)
+        return None if s is None else [c == "1" for c in s]
+
+    def put(self, label: str, split: str, task: str, correct: list[bool]) -> None:
+        self.data.setdefault(label, {}).setdefault(split, {})[task] = sum(correct) / len(correct)
+        _save(self.path, self.data)
+        if split in PAIRED_SPLITS:
+            bits = "".join("1" if c else "0" for c in correct)
+            self.bits.setdefault(label, {}).setdefault(split, {})[task] = bits
+            _save(self.bits_path, self.bits)
 
     def has(self, label: str, split: str, tasks: list[str]) -> bool:
         return all(self.get(label, split, t) is not None for t in tasks)
 
-    def drop(self, label: str) -> None:
-        if self.data.pop(label, None) is not None:
-            self.path.write_text(json.dumps(self.data, indent=1, sort_keys=True))
+
+def _save(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
 
 
 def load_checked(path: Path):
@@ -60,6 +76,6 @@ def score_model(path: Path | None, tasks: dict[str, dict], split: str, label: st
         model = encoder.load_model() if path is None else load_checked(path)
         with torch.inference_mode():
             for t in todo:
-                scores.put(label, split, t, encoder.accuracy(model, tasks[t], split))
+                scores.put(label, split, t, encoder.correct(model, tasks[t], split))
         del model
     return {t: scores.get(label, split, t) for t in tasks}

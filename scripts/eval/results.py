@@ -27,6 +27,39 @@ TABLE4 = [("emr", "EMR, no sparsifier"),
           ("emr_topk", "EMR + fixed-rate magnitude trim (top-k)")]
 
 
+# (with, without): the question each row answers.
+PAIRS = [("ta_tadrop", "ta", "TA + TADrop vs TA"),
+         ("ties_tadrop", "ties", "TIES + TADrop vs TIES"),
+         ("emr_tadrop", "emr", "EMR + TADrop vs EMR"),
+         ("emr_tadrop_rescale_none", "emr_tadrop", "rescale none vs norm (EMR + TADrop)"),
+         ("emr_tadrop_inverse_keep", "emr_tadrop", "rescale inverse_keep vs norm (EMR + TADrop)"),
+         ("emr_tadrop_scope_model", "emr_tadrop", "scope model vs tensor (EMR + TADrop)"),
+         ("emr_topk", "emr_tadrop", "fixed-rate top-k vs TADrop (EMR, same kept fraction)")]
+
+
+def paired(scores, label_a: str, label_b: str, names: list[str], n_boot: int = 2000,
+           seed: int = 0) -> dict | None:
+    """Mean-over-tasks accuracy difference a - b with a paired bootstrap 95% CI:
+    examples are resampled within each task, the same draw for both models."""
+    import numpy as np
+    a = [scores.examples(label_a, "test", n) for n in names]
+    b = [scores.examples(label_b, "test", n) for n in names]
+    if any(x is None for x in a + b):
+        return None
+    rng = np.random.default_rng(seed)
+    diffs = np.zeros(n_boot)
+    point = []
+    for xa, xb in zip(a, b):
+        d = np.asarray(xa, float) - np.asarray(xb, float)
+        point.append(d.mean())
+        idx = rng.integers(0, len(d), size=(n_boot, len(d)))
+        diffs += d[idx].mean(1)
+    diffs /= len(names)
+    return {"diff": float(np.mean(point)), "lo": float(np.quantile(diffs, 0.025)),
+            "hi": float(np.quantile(diffs, 0.975)),
+            "tasks_up": int(sum(p > 0 for p in point)), "tasks_down": int(sum(p < 0 for p in point))}
+
+
 def mean(d: dict) -> float:
     return sum(d.values()) / len(d)
 
@@ -63,6 +96,14 @@ def write(out_dir: Path, bench, rows, acc: dict, manifest: dict, timings: dict,
     labels = {key: label for key, label, _ in rows}
     specs = {key: spec for key, _, spec in rows}
     drop = drop_summary(bench.work / "runs" / "emr_tadrop")
+    names = [t.name for t in TASKS]
+    lab = {"zeroshot": "zeroshot", "individual": "individual", **labels}
+    comparisons = {}
+    for ka, kb, title in PAIRS:
+        if ka in lab and kb in lab:
+            r = paired(bench.scores, lab[ka], lab[kb], names)
+            if r:
+                comparisons[title] = r
     report_png = out_dir / "eval_emr_tadrop_drop_rates.png"
     try:
         sys.path.insert(0, str(REPO))
@@ -83,6 +124,7 @@ def write(out_dir: Path, bench, rows, acc: dict, manifest: dict, timings: dict,
         "mean_test": {k: mean(v) for k, v in acc.items()},
         "val_scores": {k: v.get("valsel") for k, v in bench.scores.data.items() if "valsel" in v},
         "configs": {k: {"label": labels[k], **specs[k]} for k in specs},
+        "paired_differences": comparisons,
         "tadrop_drop_rates_emr_run": drop,
         "timings_s": timings,
         "merge_s": {k: _merge_seconds(bench.work / "runs" / labels[k]) for k in labels},
@@ -97,6 +139,14 @@ def write(out_dir: Path, bench, rows, acc: dict, manifest: dict, timings: dict,
     md += table(TABLE1, acc, labels, bench.chosen)
     md += ["", "## Table 4: EMR ablations", ""]
     md += table(TABLE4, acc, labels, bench.chosen)
+    if comparisons:
+        md += ["", "## Paired differences", "",
+               "Mean-over-tasks test accuracy difference in points, 95% CI from a paired bootstrap "
+               "over test examples (resampled within each task, 2000 draws); tasks up / down.", "",
+               "| comparison | difference | 95% CI | tasks up / down |", "| --- | ---: | --- | ---: |"]
+        for title, r in comparisons.items():
+            md.append(f"| {title} | {100 * r['diff']:+.1f} | [{100 * r['lo']:+.1f}, {100 * r['hi']:+.1f}] "
+                      f"| {r['tasks_up']} / {r['tasks_down']} |")
     if drop:
         md += ["", f"TADrop (a = 0.5, b = 0.95) on these task vectors drops {100 * drop['weighted']:.1f}% "
                f"of the entries (parameter-weighted; per tensor from {100 * drop['min']:.1f}% to "
