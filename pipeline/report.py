@@ -130,7 +130,7 @@ def summarize(rows: list[dict], run_dir: Path) -> tuple[str, bool]:
     if masks.is_dir():
         nbytes = _dir_bytes(masks)
         bits = sum(r["numel"] for r in rows)   # one mask bit per (parameter, task)
-        lines += ["", f"mask storage: {nbytes:,} bytes ({_fmt_bytes(nbytes)}) on disk in masks.zarr, "
+        lines += ["", f"mask storage: {nbytes:,} bytes ({_fmt_bytes(nbytes)}) in the files of masks.zarr, "
                   f"{8 * nbytes / max(1, bits):.3f} bits per masked parameter"]
     return "\n".join(lines) + "\n", bool(with_d)
 
