@@ -199,7 +199,7 @@ def plot(rows: list[dict], out_png: Path) -> None:
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="drop rate")
     out_png.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_png.with_name(out_png.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=90)
     plt.close(fig)
     tmp.replace(out_png)
 
