@@ -90,6 +90,13 @@ class Bench:
             return self.score_per_task(label, run, split, names)
         return {n: v for n, v in self.score_merged(label, run, split).items() if n in names}
 
+    def retire(self, label: str) -> None:
+        """A selection run is not needed once scored: free its disk (a later use re-merges)."""
+        run = self.work / "runs" / label
+        if run.exists():
+            merges.drop_outputs(run)
+            (run / "bench_config.yaml").unlink(missing_ok=True)
+
     def pick(self, key: str, candidates: list[tuple[str, dict]]) -> tuple[str, dict]:
         """Best mean validation accuracy; ties go to the earlier (smaller) value."""
         best = None
@@ -99,10 +106,7 @@ class Bench:
             print(f"  select {label:32s} val mean {mean:.4f}", flush=True)
             if best is None or mean > best[0] + 1e-12:
                 best = (mean, label, spec)
-            run = self.work / "runs" / label
-            if run.exists():   # a selection run is no longer needed once scored
-                merges.drop_outputs(run)
-                (run / "bench_config.yaml").unlink(missing_ok=True)
+            self.retire(label)
         self.chosen[key] = {"label": best[1], "val_mean": best[0]}
         return best[1], best[2]
 
@@ -134,9 +138,7 @@ class Bench:
                 if n not in per_task or a > per_task[n][1] + 1e-12:
                     per_task[n] = (lam, a)
             print(f"  select {label:32s} val {json.dumps({n: round(a, 3) for n, a in acc.items()})}")
-            if (self.work / "runs" / label).exists():
-                merges.drop_outputs(self.work / "runs" / label)
-                (self.work / "runs" / label / "bench_config.yaml").unlink(missing_ok=True)
+            self.retire(label)
         lambdas = {n: per_task[n][0] for n in self.names}
         self.chosen["tall"] = {"lambdas": lambdas,
                                "val_mean": sum(a for _, a in per_task.values()) / len(per_task)}
