@@ -38,8 +38,9 @@ def fortune(labels: list[str]) -> Pools:
 
 # -- package short description -> section -------------------------------------
 def _packages_files() -> list[str]:
-    # The release's own main index only: -updates/-security move every week.
-    files = sorted(glob.glob("/var/lib/apt/lists/*_dists_*_main_binary-amd64_Packages*"))
+    # Debian's own main index of the release only: -updates/-security move every
+    # week, and third-party repositories differ between machines.
+    files = sorted(glob.glob("/var/lib/apt/lists/*_debian_dists_*_main_binary-amd64_Packages*"))
     files = [f for f in files if "-updates_" not in f and "-security_" not in f]
     if not files:
         raise SystemExit("no apt Packages index: run `apt-get update` (setup_data.sh does)")
