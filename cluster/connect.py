@@ -66,7 +66,9 @@ def connect(address: str | None, num_cpus: float) -> Connection:
 def disconnect(conn: Connection | None) -> None:
     """Shut down what connect() started: stops a private instance, only disconnects from a cluster."""
     if conn is not None and conn.started and ray.is_initialized():
+        t0 = time.perf_counter()
         ray.shutdown()
+        log.info("ray: disconnected from the %s in %.2f s", conn.where, time.perf_counter() - t0)
 
 
 def describe_resources() -> str:

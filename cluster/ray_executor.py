@@ -154,6 +154,8 @@ class _Run:
         while self.todo or any(job is not None for _, job in self.refs.values()):
             self._dispatch()
             self._check_starved()
+            if not self.refs:  # cannot happen while a lost actor is always replaced; never wait on nothing
+                raise ClusterError("no Ray actor left to run the remaining jobs")
             ready, _ = ray.wait(list(self.refs), num_returns=1, timeout=self._wait_timeout())
             if not ready:
                 continue

@@ -41,6 +41,12 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the test process dies, so a killed pytest leaves no head behind."""
+    import ctypes
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -71,7 +77,7 @@ def ray_head():
              "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
              "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(runtime_env),
              "--temp-dir", str(tmp), "--num-cpus", "2", "--disable-usage-stats"],
-            env=env, stdout=out, stderr=subprocess.STDOUT)
+            env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
     try:
         _wait_port(dash, proc, log)
         yield f"http://127.0.0.1:{dash}", env
