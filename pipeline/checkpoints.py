@@ -294,8 +294,9 @@ class Checkpoint:
                                  count=count, offset=offset)
         return t.view(shape)
 
-    def release(self, name: str) -> None:
-        """Drop a tensor's pages from this process's mapping so a worker's RSS stays bounded.
+    def release(self, name: str, r0: int | None = None, r1: int | None = None) -> None:
+        """Drop a tensor's pages (or those of rows [r0, r1)) from this process's mapping so a
+        worker's RSS stays bounded: mapped input pages count in RSS until dropped.
 
         Safe with live views: pages fault back in from the page cache when touched.
         """
@@ -303,8 +304,12 @@ class Checkpoint:
         mm = self._maps.get(info.file) if info else None
         if mm is None or not info.nbytes or not hasattr(mm, "madvise"):
             return
-        start = info.offset - info.offset % mmap.PAGESIZE
-        mm.madvise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
+        row_bytes = info.row_numel * info.itemsize
+        begin = info.offset + (r0 or 0) * row_bytes
+        end = info.offset + (info.nbytes if r1 is None else r1 * row_bytes)
+        start = begin - begin % mmap.PAGESIZE
+        if end > start:
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def non_weight_files(self) -> list[Path]:
         """Files a Hugging Face output needs besides the weights (config, tokenizer...)."""

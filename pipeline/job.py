@@ -92,11 +92,22 @@ class _Source:
         self.shape = tuple(info.shape)
         self.rows = self.shape[0] if self.shape else 1
         self.row_numel = int(np.prod(self.shape[1:])) if len(self.shape) > 1 else 1
+        self._last: tuple[Checkpoint, int, int] | None = None
 
     def _view(self, ckpt: Checkpoint, r0: int, r1: int) -> torch.Tensor:
+        # The engine copies each view into its float32 buffers before asking for the next, so the
+        # previous view's pages can leave this process: mapped input stays at one view at a time.
+        self.release()
+        self._last = (ckpt, r0, r1)
         if not self.shape:  # a 0-d tensor is one row of one element
             return ckpt.view(self._name).reshape(1)
         return ckpt.view(self._name, r0, r1)
+
+    def release(self) -> None:
+        if self._last is not None:
+            ckpt, r0, r1 = self._last
+            ckpt.release(self._name, r0, r1)
+            self._last = None
 
     def base(self, r0: int, r1: int) -> torch.Tensor:
         return self._view(self._base, r0, r1)

@@ -27,6 +27,9 @@ UNIFIED_METHODS = {"emr", "tall_masks"}
 MASK_METHODS = {"emr", "tall_masks", "consensus"}
 
 
+# A worker's Python + torch + zarr runtime (~160 MiB anonymous, ~100 MiB shared libraries) lives
+# inside its memory budget too: the engine plans with what is left.
+RUNTIME_RESERVE = 256 << 20
 MASK_CHUNK_ELEMENTS = 1 << 22   # ~512 KiB bit-packed per task and chunk
 
 
@@ -112,10 +115,13 @@ def make_plan(cfg: MergeConfig, base: Checkpoint, models: list[Checkpoint], tabl
     budget = int(cfg.memory_budget)
     method = cfg.method
     tensor_plans: dict[str, TensorPlan] = {}
+    engine_budget = budget - min(RUNTIME_RESERVE, budget // 4)
     for name in table.merge:
         shape = tuple(base.tensors[name].shape) or (1,)
+        mapped = max(c.tensors[name].itemsize for c in (base, *models))
         try:
-            tp = streamed.plan_tensor(spec, shape, k, budget, name=name)
+            tp = streamed.plan_tensor(spec, shape, k, engine_budget, name=name,
+                                      source_bytes_per_element=mapped)
         except ValueError as e:
             raise PlanError(f"{e} (raise memory_budget)") from None
         mrows = mask_chunk_rows(shape)

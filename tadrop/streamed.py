@@ -58,20 +58,24 @@ def _bytes_per_element(spec: MergeSpec, K: int) -> int:
     return per + 16       # float64 sum blocks, DARE keep mask
 
 
-def plan_tensor(spec: MergeSpec, shape, K: int, budget_bytes: int, *, name: str | None = None) -> TensorPlan:
+def plan_tensor(spec: MergeSpec, shape, K: int, budget_bytes: int, *, name: str | None = None,
+                source_bytes_per_element: int = 0) -> TensorPlan:
     """Largest chunk (in rows) that keeps the engine's buffers within `budget_bytes`.
 
     Everything in one chunk when it fits (single read); else the fit runs on the
     whole tau_k when that needs at most half the budget, streamed otherwise.
     The budget bounds what grows with the tensor; a fixed ~1 MiB (histograms,
     one DARE block, float64 block tails) comes on top and is in `est_bytes`.
+    `source_bytes_per_element`: what the source holds per element of the piece being read
+    (e.g. mapped input pages, which count in a process's RSS), charged to the budget too.
     Raises ValueError naming the tensor when not even one row fits.
     """
     n, rows, rn = _geometry(shape)
-    per = _bytes_per_element(spec, K)
+    src = int(source_bytes_per_element)
+    per = _bytes_per_element(spec, K) + src
     if n * per <= budget_bytes or n == 0:
         return TensorPlan(max(rows, 1), True, n * per + _FIXED_BYTES)
-    fit_bytes = 13 * n if spec.sparsifier.needs_fit else 0   # tau_k + codes + mask + scratch
+    fit_bytes = (13 + src) * n if spec.sparsifier.needs_fit else 0   # tau_k + codes + mask + scratch
     fit_whole = spec.sparsifier.needs_fit and fit_bytes <= budget_bytes // 2
     left = budget_bytes - (fit_bytes if fit_whole else 0)
     chunk_rows = min(rows, left // (rn * per))
