@@ -167,7 +167,7 @@ class MergeConfig(_Strict):
     shard_size: Size = 5 * 10**9
     seed: Int = Field(0, ge=0)
     memory_budget: Size = 2 * 2**30
-    workers: Int = Field(1, ge=1)
+    workers: Int = Field(2, ge=1)
     executor: Literal["local", "ray"] = "local"
     device: Literal["cpu", "cuda"] = "cpu"
     ray: RayConfig = Field(default_factory=RayConfig)

@@ -78,7 +78,7 @@ def test_defaults(tmp_path):
     assert cfg.sparsify.kind == "none"
     assert cfg.output_dtype is None and cfg.unified_dtype == "float32"
     assert cfg.shard_size == 5 * 10**9 and cfg.memory_budget == 2 * 2**30
-    assert cfg.workers == 1 and cfg.executor == "local" and cfg.device == "cpu" and cfg.seed == 0
+    assert cfg.workers == 2 and cfg.executor == "local" and cfg.device == "cpu" and cfg.seed == 0
     assert cfg.passthrough == [] and cfg.models[1].weight == 1.0
 
 
@@ -106,7 +106,7 @@ def test_overrides_win(tmp_path, monkeypatch):
                                                  "memory_budget": "1GB", "executor": "ray"})
     assert cfg.output == tmp_path / "elsewhere" and cfg.workers == 7
     assert cfg.memory_budget == 10**9 and cfg.executor == "ray"
-    assert load_config(write(tmp_path, MINIMAL), {"workers": None}).workers == 1
+    assert load_config(write(tmp_path, MINIMAL), {"workers": None}).workers == 2
 
 
 def test_identity_ignores_execution_settings(tmp_path):
@@ -116,7 +116,7 @@ def test_identity_ignores_execution_settings(tmp_path):
                           .replace("address: null", "address: auto")))
     assert a.identity() == b.identity()
     assert json.dumps(a.identity(), sort_keys=True)  # JSON-able
-    for key in ("output", "workers", "executor", "ray", "device"):
+    for key in ("output", "workers", "executor", "ray", "device", "memory_budget"):
         assert key not in a.identity()
     c = load_config(write(tmp_path, FULL.replace("a: 0.5", "a: 0.4")))
     assert c.identity() != a.identity() and c.identity()["sparsify"]["a"] == 0.4
