@@ -163,7 +163,7 @@ class MergeConfig(_Strict):
     passthrough: list[str] = Field(default_factory=list)
     output: Path
     output_dtype: Literal["float32", "float16", "bfloat16"] | None = None
-    unified_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    unified_dtype: Literal["float32", "float16", "bfloat16"] | None = None   # None: as output_dtype
     shard_size: Size = 5 * 10**9
     seed: Int = Field(0, ge=0)
     memory_budget: Size = 2 * 2**30

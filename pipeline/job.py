@@ -60,7 +60,7 @@ class RunContext:
     merged_plan: ShardPlan | None          # None when the method writes no merged/
     unified_plan: ShardPlan | None
     merged_dtypes: dict[str, str] = field(default_factory=dict)   # tensor -> output dtype name
-    unified_dtype: str = "float32"
+    unified_dtypes: dict[str, str] = field(default_factory=dict)
     write_masks: bool = False
     device: str = "cpu"
     torch_threads: int = 1
@@ -134,7 +134,7 @@ class _Sink:
         self._write(self._r.merged_writer, dtype, r0, theta)
 
     def unified(self, r0: int, r1: int, vec: torch.Tensor) -> None:
-        self._write(self._r.unified_writer, TORCH_DTYPES[self._r.ctx.unified_dtype], r0, vec)
+        self._write(self._r.unified_writer, TORCH_DTYPES[self._r.ctx.unified_dtypes[self._name]], r0, vec)
 
     def masks(self, r0: int, r1: int, masks: torch.Tensor) -> None:
         store = self._r.mask_store

@@ -84,6 +84,7 @@ class Plan:
     merged_plan: ShardPlan | None
     unified_plan: ShardPlan | None
     merged_dtypes: dict[str, str]
+    unified_dtypes: dict[str, str]
     write_masks: bool
     model_scope: bool
     shapes: dict[str, tuple[int, ...]]
@@ -132,6 +133,7 @@ def make_plan(cfg: MergeConfig, base: Checkpoint, models: list[Checkpoint], tabl
     merged_dtypes: dict[str, str] = {}
     for name in table.merge:
         merged_dtypes[name] = cfg.output_dtype or _DTYPE_NAMES[base.tensors[name].dtype]
+    unified_dtypes = {n: cfg.unified_dtype or d for n, d in merged_dtypes.items()}
 
     merged_plan = unified_plan = None
     copy = list(table.copy) if method in MERGED_METHODS else []
@@ -143,14 +145,14 @@ def make_plan(cfg: MergeConfig, base: Checkpoint, models: list[Checkpoint], tabl
             entries.append((name, dtype, tuple(info.shape)))
         merged_plan = plan_shards(entries, int(cfg.shard_size))
     if method in UNIFIED_METHODS:
-        code = _DTYPE_CODES[cfg.unified_dtype]
-        entries = [(n, code, tuple(base.tensors[n].shape)) for n in sorted(table.merge)]
+        entries = [(n, _DTYPE_CODES[unified_dtypes[n]], tuple(base.tensors[n].shape)) for n in sorted(table.merge)]
         unified_plan = plan_shards(entries, int(cfg.shard_size))
 
     model_scope = getattr(spec.sparsifier, "scope", "tensor") == "model" and spec.sparsifier.needs_fit
     plan = Plan(
         spec=spec, merge=list(table.merge), copy=copy, tensor_plans=tensor_plans,
         merged_plan=merged_plan, unified_plan=unified_plan, merged_dtypes=merged_dtypes,
+        unified_dtypes=unified_dtypes,
         write_masks=method in MASK_METHODS, model_scope=model_scope,
         shapes={n: tuple(base.tensors[n].shape) for n in table.merge},
     )

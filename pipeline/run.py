@@ -183,7 +183,7 @@ def merge(cfg: MergeConfig, *, dry_run: bool = False, quiet: bool = False,
     ctx = RunContext(
         state_dir=state, base=base, models=tuple(models), spec=plan.spec,
         tensor_plans=plan.tensor_plans, merged_plan=plan.merged_plan, unified_plan=plan.unified_plan,
-        merged_dtypes=plan.merged_dtypes, unified_dtype=cfg.unified_dtype,
+        merged_dtypes=plan.merged_dtypes, unified_dtypes=plan.unified_dtypes,
         write_masks=plan.write_masks, device=cfg.device, model_scope=plan.model_scope,
     )
     own_executor = executor is None

@@ -76,7 +76,7 @@ def test_defaults(tmp_path):
     cfg = load_config(write(tmp_path, MINIMAL))
     assert cfg.method == "task_arithmetic" and cfg.lam == 0.3
     assert cfg.sparsify.kind == "none"
-    assert cfg.output_dtype is None and cfg.unified_dtype == "float32"
+    assert cfg.output_dtype is None and cfg.unified_dtype is None
     assert cfg.shard_size == 5 * 10**9 and cfg.memory_budget == 2 * 2**30
     assert cfg.workers == 2 and cfg.executor == "local" and cfg.device == "cpu" and cfg.seed == 0
     assert cfg.passthrough == [] and cfg.models[1].weight == 1.0

@@ -67,8 +67,13 @@ def assert_close_cast(got: torch.Tensor, want: torch.Tensor, name: str):
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_method_matches_reference(tmp_path, family, case):
+BF16_CASES = ["emr_tadrop", "tall", "ties_tadrop", "consensus_ties"]
+
+
+@pytest.mark.parametrize("case,fixture", [(c, "family") for c in sorted(CASES)]
+                         + [(c, "family_bf16") for c in BF16_CASES])
+def test_method_matches_reference(tmp_path, request, case, fixture):
+    family = request.getfixturevalue(fixture)
     cfg, run = merge_case(tmp_path, family, **CASES[case])
     base, ref = reference(family, cfg)
     record = json.loads((run / "run.json").read_text())
