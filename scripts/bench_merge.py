@@ -406,7 +406,8 @@ def parse_gib(s: str) -> float:
 def _ratio(a: Result, b: Result | None) -> str:
     if b is None or a.rc or b.rc:
         return ""
-    return f"{a.wall_s / b.wall_s:.2f}x time, {a.peak_rss_gib / b.peak_rss_gib:.2f}x RSS"
+    return (f"{a.wall_s / b.wall_s:.2f}x time, {a.tree_cpu_s / b.tree_cpu_s:.2f}x CPU, "
+            f"{a.peak_rss_gib / b.peak_rss_gib:.2f}x RSS")
 
 
 def write_report(results: list[Result], meta: dict, out: Path) -> None:
@@ -446,8 +447,8 @@ def write_report(results: list[Result], meta: dict, out: Path) -> None:
         f"Page cache before each case: {'; '.join(caches)}.",
         "",
         "CPU s: CPU time of the measured process tree. Others' CPU: the share of the machine's "
-        "cores that other processes (other people's jobs on this shared machine) used during "
-        "the case; a high figure means the wall time is inflated by contention. Before each "
+        "cores that everything else (other people's jobs on this shared machine, and kernel "
+        "threads such as page-cache writeback) used during the case; a high figure means the wall time is inflated by contention. Before each "
         "case the benchmark waits (up to --wait-idle s) for the machine to be under 25% busy.",
         "",
         "Memory is the sum over the whole process tree (workers, Ray daemons) from /proc: "
@@ -493,7 +494,12 @@ def main(argv=None) -> int:
                     help="before each case wait up to this many seconds for the machine to be <25%% busy")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep-outputs", action="store_true")
+    ap.add_argument("--report-only", action="store_true", help="rewrite merge.md from merge.json")
     args = ap.parse_args(argv)
+    if args.report_only:
+        saved = json.loads((args.out / "merge.json").read_text())
+        write_report([Result(**r) for r in saved["results"]], saved["meta"], args.out)
+        return 0
     args.data = args.data.resolve()
     if args.nice:
         os.nice(args.nice)
