@@ -5,10 +5,22 @@ Resume must be byte-exact whatever the moment of death; these points hit the mom
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
 _hits: dict[str, int] = {}
+
+
+def write_fault() -> None:
+    """`TADROP_FAULT=enospc:N`: the N-th and later output writes of a process fail as on a full disk
+    (for machines where the tests cannot mount a small filesystem)."""
+    want = os.environ.get("TADROP_FAULT", "")
+    if not want.startswith("enospc"):
+        return
+    _hits["enospc"] = _hits.get("enospc", 0) + 1
+    if _hits["enospc"] >= int(want.partition(":")[2] or 1):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def crash_point(point: str) -> None:

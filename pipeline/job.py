@@ -17,6 +17,7 @@ from tadrop import AbsSelector, MergeSpec, NonFiniteError, TensorPlan
 from tadrop import streamed
 
 from .checkpoints import Checkpoint
+from .faults import write_fault
 from .globalstats import SELECTED_FILE, VALUES_FILE, job_file, load_selectors, load_values, save_selectors
 from .writers import MaskStore, ShardPlan, ShardWriter
 
@@ -126,6 +127,7 @@ class _Sink:
         self._pending_r0 = 0
 
     def _write(self, writer: ShardWriter, dtype: torch.dtype, r0: int, rows: torch.Tensor) -> None:
+        write_fault()
         out = rows.to(device="cpu", dtype=dtype).contiguous()
         writer.write(self._name, out, row_start=r0)
 

@@ -182,16 +182,32 @@ def test_no_space_left_then_resume(tmp_path, fam):
     run_cli("merge", ref, "--quiet", check=True)
     want = tree_digest(tmp_path / "ref")
     mnt = tmp_path / "small"
-    if not _mount_tmpfs(mnt, "120k"):
-        pytest.skip("cannot mount a tmpfs here (needs root); the full-disk path is untestable without it")
+    mounted = _mount_tmpfs(mnt, "120k")  # a real full disk where we may mount one (root) ...
+    env = {} if mounted else {"TADROP_FAULT": "enospc:5"}  # ... else writes fail as on a full disk
     try:
         cfg = write_config(tmp_path / "c.yaml", fam, mnt / "run", method="emr", sparsify={"kind": "tadrop"})
-        err = _fail(cfg)
-        assert "No space left on device" in err
+        proc = run_cli("merge", cfg, "--quiet", env_extra=env)
+        assert proc.returncode == 1 and proc.stderr.startswith("tadrop: error:"), proc.stderr
+        assert "No space left on device" in proc.stderr and "Traceback" not in proc.stderr
         _not_complete(mnt / "run")
-        subprocess.run(["mount", "-o", "remount,size=50m", str(mnt)], check=True)
-        run_cli("merge", cfg, "--quiet", check=True)
+        if mounted:
+            subprocess.run(["mount", "-o", "remount,size=50m", str(mnt)], check=True)
+        run_cli("merge", cfg, "--quiet", check=True)  # space is back: the same command finishes
         assert tree_digest(mnt / "run") == want
     finally:
-        subprocess.run(["umount", "-l", str(mnt)])
+        if mounted:
+            subprocess.run(["umount", "-l", str(mnt)])
         shutil.rmtree(mnt, ignore_errors=True)
+
+
+def test_injected_full_disk_then_resume(tmp_path, fam):
+    """The same contract through the write-fault hook, which needs no privileges."""
+    ref = write_config(tmp_path / "ref.yaml", fam, tmp_path / "ref", method="ties")
+    run_cli("merge", ref, "--quiet", check=True)
+    cfg = write_config(tmp_path / "c.yaml", fam, tmp_path / "run", method="ties")
+    proc = run_cli("merge", cfg, "--quiet", env_extra={"TADROP_FAULT": "enospc:3"})
+    assert proc.returncode == 1 and "No space left on device" in proc.stderr, proc.stderr
+    assert "tensor '" in proc.stderr  # names the tensor whose write failed
+    _not_complete(tmp_path / "run")
+    run_cli("merge", cfg, "--quiet", check=True)
+    assert tree_digest(tmp_path / "run") == tree_digest(tmp_path / "ref")
