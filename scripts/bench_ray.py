@@ -35,6 +35,7 @@ import bench_merge as bm  # noqa: E402
 
 CONNECT = re.compile(r"ray: connected to the (.+?) in ([0-9.]+) s")
 ACTORS = re.compile(r"ray: first actor ready in ([0-9.]+) s")
+DISCONNECT = re.compile(r"ray: disconnected from the .+? in ([0-9.]+) s")
 TARGET_RATIO = 1.15
 
 
@@ -71,7 +72,7 @@ def run_one(method: str, executor: str, rep: int, man: dict, args) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_ADDRESS="")
     m = bm.run_measured(cmd, log, env=env)
     text = log.read_text(errors="replace")
-    c, a = CONNECT.search(text), ACTORS.search(text)
+    c, a, d = CONNECT.search(text), ACTORS.search(text), DISCONNECT.search(text)
     timings = {}
     if (run_dir / "run.json").exists():
         timings = json.loads((run_dir / "run.json").read_text()).get("timings", {})
@@ -79,13 +80,14 @@ def run_one(method: str, executor: str, rep: int, man: dict, args) -> dict:
          "wall_s": round(m["wall_s"], 2), "peak_rss_gib": round(m["rss"] / bm.GiB, 3),
          "peak_anon_gib": round(m["anon"] / bm.GiB, 3), "peak_procs": m["procs"], "cache": cache, "busy_before": busy,
          "ray_connect_s": float(c.group(2)) if c else None, "ray_actors_s": float(a.group(1)) if a else None,
+         "ray_shutdown_s": float(d.group(1)) if d else None,
          "map_s": timings.get("map_s"), "reduce_s": timings.get("reduce_s"), "log": bm._rel(log)}
-    startup = (r["ray_connect_s"] or 0) + (r["ray_actors_s"] or 0)
+    startup = (r["ray_connect_s"] or 0) + (r["ray_actors_s"] or 0) + (r["ray_shutdown_s"] or 0)
     r["ray_startup_s"] = round(startup, 2) if executor == "ray" else None
     r["wall_minus_startup_s"] = round(r["wall_s"] - startup, 2)
     r["digest"] = digest(run_dir) if m["rc"] == 0 and not args.no_verify else None
     status = "ok" if m["rc"] == 0 else f"FAILED rc={m['rc']} (see {r['log']})"
-    extra = f", Ray start-up {startup:.1f} s" if executor == "ray" else ""
+    extra = f", Ray start-up + shutdown {startup:.1f} s" if executor == "ray" else ""
     print(f"[{name} #{rep}] {status}: {r['wall_s']:.1f} s{extra}", flush=True)
     shutil.rmtree(run_dir, ignore_errors=True)
     return r
@@ -114,6 +116,9 @@ def summarize(results: list[dict], key: str = "wall_s") -> list[dict]:
                        ray_minus_startup_min_s=net, ratio_minus_startup=round(net / best["local"], 3))
         digests = [r["digest"] for r in by["local"] + by["ray"] if r.get("digest") is not None]
         row["identical_bytes"] = all(d == digests[0] for d in digests) if len(digests) > 1 else None
+        if row["identical_bytes"] is False:
+            row["differing_files"] = sorted({f for d in digests[1:] for f in set(d) | set(digests[0])
+                                             if d.get(f) != digests[0].get(f)})[:20]
         rows.append(row)
     return rows
 
@@ -186,7 +191,7 @@ def write_report(results: list[dict], rows: list[dict], warm: list[dict], warm_r
           f"under `nice -n {meta['nice']}`, `--executor local` (processes) against `--executor ray` (a private "
           f"local Ray instance, {meta['workers']} actors of 1 CPU), order alternated.", "",
           "## The CLI end to end (each run starts its own workers)", "",
-          "| merge | local s (min / median) | Ray s (min / median) | Ray start-up s | Ray minus start-up s "
+          "| merge | local s (min / median) | Ray s (min / median) | Ray start-up + shutdown s | Ray minus those s "
           f"| ratio | ratio minus start-up | within {pct}% | identical bytes |",
           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in rows:
@@ -199,10 +204,10 @@ def write_report(results: list[dict], rows: list[dict], warm: list[dict], warm_r
                   f"{r['ray_min_s']:.1f} / {r['ray_median_s']:.1f} | {r['ray_startup_min_s']:.1f} / "
                   f"{r['ray_startup_median_s']:.1f} | {r['ray_minus_startup_min_s']:.1f} | {r['ratio_min']:.2f} | "
                   f"{r['ratio_minus_startup']:.2f} | {ok} | {same} |")
-    md += ["", "Wall time is the whole CLI process (plan, map, reduce, shutdown). Ray start-up = starting the "
-           "private instance (`ray.init(address=\"local\")`) plus the first actor's `setup` answer, read from "
-           "the driver's log; on a cluster joined through `ray job submit` the instance already runs and only "
-           "the actors start.", ""]
+    md += ["", "Wall time is the whole CLI process (plan, map, reduce, exit). Ray start-up + shutdown = starting "
+           "the private instance (`ray.init(address=\"local\")`), the first actor's `setup` answer and "
+           "`ray.shutdown()`, read from the driver's log; on a cluster joined through `ray job submit` the "
+           "instance already runs: only the actors start, and the driver only disconnects.", ""]
     if warm_rows:
         md += ["## The executors alone (in one process, Ray's actors already started)", "",
                "| merge | local s (min / median) | Ray s (min / median) | ratio (min) | ratio (median) "
@@ -216,7 +221,7 @@ def write_report(results: list[dict], rows: list[dict], warm: list[dict], warm_r
         md += ["", "The local executor starts a fresh process pool in each `run` call (about a second per phase); "
                "the Ray actors persist across runs, as they do across the phases of one run.", ""]
     md += ["## Every run", "",
-           "| run | executor | wall s | start-up s | map s | reduce s | peak RSS GiB | busy before |",
+           "| run | executor | wall s | start-up + shutdown s | map s | reduce s | peak RSS GiB | busy before |",
            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
         busy = f"{r['busy_before']:.0%}" if isinstance(r.get("busy_before"), float) and r["busy_before"] >= 0 else ""
