@@ -196,6 +196,7 @@ def merge(cfg: MergeConfig, *, dry_run: bool = False, quiet: bool = False,
                 _model_scope_phases(plan, ctx, executor, ledger, done, progress)
             _run_phase(executor, ctx, plan.jobs["merge"], ledger, done, progress)
         timings["map_s"] = round(time.time() - t_map, 3)
+        timings.update({f"executor_{k}": v for k, v in getattr(executor, "timings", {}).items()})
     finally:
         progress.close()
         if own_executor:
