@@ -29,13 +29,17 @@ def _sum64(t2: torch.Tensor) -> torch.Tensor:
     return sum_tasks64(t2, scratch("m.sum64", t2.shape[1], torch.float64, t2.device))
 
 
+def _base_plus(base, delta64: torch.Tensor, lam: float, out) -> torch.Tensor:
+    """theta_0 + lam * delta, computed in float64 (delta64 is consumed) and rounded once to float32."""
+    f64_inplace(delta64.mul_(lam), base.reshape(-1), "add")
+    out = _out(out, base.shape, torch.float32, base.device)
+    out.reshape(-1).copy_(delta64)
+    return out
+
+
 def task_arithmetic(base, taus, lam, *, out=None) -> torch.Tensor:
     """theta_0 + lam * sum_k tau'_k: the sum and the scaled add in float64, rounded once."""
-    S = _sum64(_flat_tasks(taus))
-    f64_inplace(S.mul_(lam), base.reshape(-1), "add")
-    out = _out(out, base.shape, torch.float32, base.device)
-    out.reshape(-1).copy_(S)
-    return out
+    return _base_plus(base, _sum64(_flat_tasks(taus)), lam, out)
 
 
 def task_sum(taus, *, out=None) -> torch.Tensor:
@@ -75,11 +79,7 @@ def ties_vector(taus, *, out=None) -> torch.Tensor:
 
 def ties(base, taus, lam, *, out=None) -> torch.Tensor:
     """theta_0 + lam * ties_vector (in float64, rounded once)."""
-    v = _ties_mean64(_flat_tasks(taus))
-    f64_inplace(v.mul_(lam), base.reshape(-1), "add")
-    out = _out(out, base.shape, torch.float32, base.device)
-    out.reshape(-1).copy_(v)
-    return out
+    return _base_plus(base, _ties_mean64(_flat_tasks(taus)), lam, out)
 
 
 @dataclass
