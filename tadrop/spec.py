@@ -79,7 +79,13 @@ class MergeSpec:
 
 
 class TensorSource(Protocol):
-    """Rows of the base and task tensors of one name.  0-d tensors have 1 row of 1."""
+    """Rows of the base and task tensors of one name.  0-d tensors have 1 row of 1.
+
+    Optional: `task_delta(k, r0, r1)` returning float32 rows of tau_k itself, or None
+    when task k is given as theta_k.  A source whose task is a difference (a LoRA
+    adapter: tau = scaling * B @ A) hands tau over directly, since
+    float32(theta_0 + BA) - theta_0 is not BA; the engine then never calls `task(k, ...)`.
+    """
     shape: tuple
     rows: int
     row_numel: int
@@ -110,10 +116,15 @@ def _rows_shape(shape, r0: int, r1: int) -> tuple:
 
 
 class MemorySource:
-    """A TensorSource over in-memory tensors (tests, benchmarks, the reference)."""
+    """A TensorSource over in-memory tensors (tests, benchmarks, the reference).
 
-    def __init__(self, base: torch.Tensor, tasks: Sequence[torch.Tensor]):
+    `deltas[k]`, when given and not None, is task k's tau itself (see `task_delta`).
+    """
+
+    def __init__(self, base: torch.Tensor, tasks: Sequence[torch.Tensor | None],
+                 deltas: Sequence[torch.Tensor | None] | None = None):
         self._base, self._tasks = base, list(tasks)
+        self._deltas = list(deltas) if deltas is not None else [None] * len(self._tasks)
         self.shape = tuple(base.shape)
         _, self.rows, self.row_numel = _geometry(self.shape)
 
@@ -125,6 +136,10 @@ class MemorySource:
 
     def task(self, k, r0, r1):
         return self._rows(self._tasks[k], r0, r1)
+
+    def task_delta(self, k, r0, r1):
+        d = self._deltas[k]
+        return None if d is None else self._rows(d, r0, r1).float()
 
 
 class MemorySink:

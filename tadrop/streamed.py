@@ -116,6 +116,10 @@ class _Reader:
         # which raises NonFiniteError itself (before any output is written)
         self.histogram_checks = isinstance(phi, TADrop) or (isinstance(phi, TopK) and phi.scope == "tensor")
 
+    def _delta(self, k, r0, r1):
+        fn = getattr(self.src, "task_delta", None)
+        return fn(k, r0, r1) if fn is not None else None
+
     def _check(self, t: torch.Tensor, who: str):
         if t.numel() and not math.isfinite(float(torch.sum(t))):   # cheap test; exact one below
             if not bool(torch.isfinite(t).all()):
@@ -128,6 +132,12 @@ class _Reader:
         return out
 
     def tau(self, k, r0, r1, base, out):
+        delta = self._delta(k, r0, r1)
+        if delta is not None:                   # the source holds tau_k itself (an adapter)
+            out.copy_(delta.reshape(-1))
+            if not self.histogram_checks:
+                self._check(out, f"task {self.spec.task_names[k]!r}")
+            return out
         rows = self.src.task(k, r0, r1).reshape(-1)
         if rows.dtype == torch.float32 and rows.device == out.device:
             torch.sub(rows, base, out=out)
