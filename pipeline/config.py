@@ -83,6 +83,8 @@ class ModelEntry(_Strict):
     name: str
     path: Path
     weight: Float = 1.0
+    # this task's own sparsifier parameter (topk: density, dare: p), like mergekit's per-model density
+    sparsify: dict[str, Float] | None = None
 
     @field_validator("name")
     @classmethod
@@ -216,6 +218,9 @@ class MergeConfig(_Strict):
         if isinstance(sp, SparsifyTADrop) and not sp.a < sp.b:
             raise ValueError(f"sparsify.a: must be < sparsify.b (0 <= a < b <= 1), "
                              f"got a={sp.a}, b={sp.b}")
+        for i, m in enumerate(self.models):
+            if m.sparsify is not None:
+                task_sparsify(sp, m.sparsify, f"models.{i}.sparsify")
         unknown = [k for k in self.tall.lambdas if k not in names]
         if unknown:
             raise ValueError(f"tall.lambdas: unknown task(s) {', '.join(map(repr, unknown))}; "
@@ -257,6 +262,9 @@ class MergeConfig(_Strict):
         d = self.to_json()
         for k in NON_IDENTITY_KEYS:
             d.pop(k)
+        for m in d["models"]:
+            if m.get("sparsify") is None:   # runs from before per-model sparsify keep their identity
+                m.pop("sparsify", None)
         if self.method not in DEFAULT_LAMBDA:
             d["lambda"] = None
         if self.method != "emr":
@@ -268,6 +276,23 @@ class MergeConfig(_Strict):
         if self.method != "consensus":
             d.pop("consensus")
         return _canonical(d)
+
+
+PER_TASK_SPARSIFY = {"topk": ("density",), "dare": ("p",)}
+
+
+def task_sparsify(sp: Any, override: dict, where: str = "models.N.sparsify") -> Any:
+    """The sparsify section `sp` with one model's parameter overrides applied."""
+    allowed = PER_TASK_SPARSIFY.get(sp.kind, ())
+    bad = [k for k in override if k not in allowed]
+    if bad:
+        raise ValueError(f"{where}.{bad[0]}: not a per-model parameter of sparsify kind {sp.kind!r}; "
+                         f"allowed: {', '.join(allowed) if allowed else 'none (use kind topk or dare)'}")
+    try:
+        return type(sp).model_validate({**sp.model_dump(), **override})
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        raise ValueError(f"{where}.{err['loc'][-1]}: {err['msg']} (got {err.get('input')!r})") from None
 
 
 def _absolute(p: Path) -> Path:

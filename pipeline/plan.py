@@ -14,7 +14,7 @@ from tadrop import DARE, Identity, MergeSpec, TADrop, TopK, TensorPlan
 from tadrop import streamed
 
 from .checkpoints import Checkpoint, InputTable
-from .config import MergeConfig
+from .config import MergeConfig, task_sparsify
 from .job import Job
 from .writers import ShardPlan, plan_shards
 
@@ -47,21 +47,16 @@ class PlanError(ValueError):
 
 def build_spec(cfg: MergeConfig) -> MergeSpec:
     """The maths layer's view of the config."""
-    s = cfg.sparsify
-    if s.kind == "none":
-        phi = Identity()
-    elif s.kind == "tadrop":
-        phi = TADrop(a=s.a, b=s.b, eps=s.eps, rescale=s.rescale, scope=s.scope)
-    elif s.kind == "topk":
-        phi = TopK(density=s.density, scope=s.scope)
-    elif s.kind == "dare":
-        phi = DARE(p=s.p, seed=cfg.seed)
-    else:  # config validation makes this unreachable
-        raise PlanError(f"unknown sparsify kind {s.kind!r}")
+    phi = _sparsifier(cfg, cfg.sparsify)
+    per_task = None
+    if any(m.sparsify for m in cfg.models):
+        per_task = tuple(_sparsifier(cfg, task_sparsify(cfg.sparsify, m.sparsify)) if m.sparsify else phi
+                         for m in cfg.models)
     names = tuple(m.name for m in cfg.models)
     return MergeSpec(
         method=cfg.method,
         sparsifier=phi,
+        task_sparsifiers=per_task,
         task_names=names,
         weights=tuple(float(m.weight) for m in cfg.models),
         lam=float(cfg.lam),
@@ -73,6 +68,20 @@ def build_spec(cfg: MergeConfig) -> MergeSpec:
         consensus_inner=cfg.consensus.inner,
         seed=int(cfg.seed),
     )
+
+
+def _sparsifier(cfg: MergeConfig, s):
+    if s.kind == "none":
+        phi = Identity()
+    elif s.kind == "tadrop":
+        phi = TADrop(a=s.a, b=s.b, eps=s.eps, rescale=s.rescale, scope=s.scope)
+    elif s.kind == "topk":
+        phi = TopK(density=s.density, scope=s.scope)
+    elif s.kind == "dare":
+        phi = DARE(p=s.p, seed=cfg.seed)
+    else:  # config validation makes this unreachable
+        raise PlanError(f"unknown sparsify kind {s.kind!r}")
+    return phi
 
 
 @dataclass
@@ -177,6 +186,9 @@ def describe(plan: Plan, base: Checkpoint) -> str:
     lines = [
         f"method: {plan.spec.method}   sparsifier: {plan.spec.sparsifier}",
         f"tasks ({len(plan.spec.task_names)}): {', '.join(plan.spec.task_names)}",
+        *([f"per-task sparsifiers: " + ", ".join(f"{t}: {p}" for t, p in
+                                                   zip(plan.spec.task_names, plan.spec.task_sparsifiers))]
+          if plan.spec.task_sparsifiers else []),
         f"tensors: {s['tensors_merged']} merged, {s['tensors_copied']} copied from the base",
         f"jobs: {s['jobs']} ({', '.join(f'{k} {v}' for k, v in s['jobs_by_phase'].items())})",
         f"input bytes read: {_gb(s['input_bytes'])}",

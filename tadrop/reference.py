@@ -101,7 +101,7 @@ def _topk(tau, phi: TopK, t_global):
 
 
 def _phi(spec: MergeSpec, name: str, k: int, tau: torch.Tensor, global_value):
-    phi = spec.sparsifier
+    phi = spec.phi(k)
     if isinstance(phi, TADrop):
         return _tadrop(tau, phi, global_value)
     if isinstance(phi, TopK):
@@ -116,8 +116,9 @@ def _phi(spec: MergeSpec, name: str, k: int, tau: torch.Tensor, global_value):
 
 def _model_scope_values(spec: MergeSpec, taus_by_name: dict) -> list[float]:
     """Per task, over all merged tensors together: TADrop's d or TopK's threshold."""
-    phi, values = spec.sparsifier, []
+    values = []
     for k in range(spec.K):
+        phi = spec.phi(k)
         a = torch.cat([taus[k].abs().reshape(-1) for taus in taus_by_name.values()])
         if isinstance(phi, TADrop):
             values.append(_tadrop_rate(a, phi)[0])

@@ -33,6 +33,9 @@ class MergeSpec:
     sparsifier None -> the method's default Phi (ties: TopK(0.2), else Identity);
     lam None -> 0.3 (task_arithmetic) / 1.0 (ties); weights None -> all 1;
     tall_lambdas may be one float for every task.
+    task_sparsifiers: one Phi per task (per-model density / p, as mergekit's
+    per-model `density`); same kind and scope as `sparsifier`, which they
+    replace task by task (`phi(k)`).
     """
     method: str
     sparsifier: Sparsifier | None = None
@@ -46,6 +49,7 @@ class MergeSpec:
     consensus_alpha: float = 0.3
     consensus_inner: str = "task_arithmetic"
     seed: int = 0
+    task_sparsifiers: tuple[Sparsifier, ...] | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -67,6 +71,18 @@ class MergeSpec:
                 raise ValueError(f"{attr} must be task_arithmetic or ties")
         if self.emr_rescaler not in ("official", "global"):
             raise ValueError("emr_rescaler must be official or global")
+        if self.task_sparsifiers is not None:
+            ts = tuple(self.task_sparsifiers)
+            put("task_sparsifiers", ts)
+            if len(ts) != K:
+                raise ValueError("task_sparsifiers need one entry per task")
+            base = self.sparsifier
+            if any(type(p) is not type(base) or p.scope != base.scope for p in ts):
+                raise ValueError("task_sparsifiers must share the sparsifier's kind and scope")
+
+    def phi(self, k: int) -> Sparsifier:
+        """Task k's sparsifier (its own when task_sparsifiers is set)."""
+        return self.sparsifier if self.task_sparsifiers is None else self.task_sparsifiers[k]
 
     @property
     def K(self) -> int:

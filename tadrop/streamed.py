@@ -242,19 +242,19 @@ def merge_tensor(spec: MergeSpec, name: str, src: TensorSource, sink: TensorSink
             t.mul_(spec.weights[k])
 
     if n == 0:
-        stats = [phi.fit_streamed(lambda: (), 0) for _ in range(K)]
+        stats = [spec.phi(k).fit_streamed(lambda: (), 0) for k in range(K)]
     elif cr >= rows:                                    # single read: fit and combine in place
         taus = scratch("eng.taus", K * n, torch.float32, dev).view(K, n)
         base = rd.base(0, rows, scratch("eng.base", n, torch.float32, dev))
         for k in range(K):
             task = spec.task_names[k]
             t = rd.tau(k, 0, rows, base, taus[k])
-            stats[k] = _named(lambda: phi.fit_apply_(t, key(k, 0), global_value=gv[k]), name, task)
+            stats[k] = _named(lambda: spec.phi(k).fit_apply_(t, key(k, 0), global_value=gv[k]), name, task)
             weigh(k, t)
         comb(0, rows, taus, base, sink)
     else:
         for k in range(K):
-            task = spec.task_names[k]
+            task, phi = spec.task_names[k], spec.phi(k)
             if not phi.needs_fit:
                 stats[k] = phi.fit_streamed(lambda: (), n)
             elif plan.fit_whole:
@@ -276,7 +276,7 @@ def merge_tensor(spec: MergeSpec, name: str, src: TensorSource, sink: TensorSink
             taus = taus_buf[:, :m]
             for k in range(K):
                 t = rd.tau(k, r0, r1, base, taus[k])
-                phi.apply(t, stats[k], key(k, r0 * rn))
+                spec.phi(k).apply(t, stats[k], key(k, r0 * rn))
                 weigh(k, t)
             comb(r0, r1, taus, base, sink)
     has_masks = "masks" in spec.outputs
@@ -321,9 +321,9 @@ def global_pass_hi(spec: MergeSpec, name: str, src: TensorSource, plan: TensorPl
 def global_select(spec: MergeSpec, selectors: Sequence[AbsSelector]) -> None:
     """Marks, in each task's merged hi selector, the buckets its model-wide ranks need
     (optional: `global_pass_lo` derives the same buckets itself)."""
-    phi = _global_phi(spec)
-    for s in selectors:
-        s.select(phi.model_ranks(s.n))
+    _global_phi(spec)
+    for k, s in enumerate(selectors):
+        s.select(spec.phi(k).model_ranks(s.n))
 
 
 def global_pass_lo(spec: MergeSpec, name: str, src: TensorSource, plan: TensorPlan,
@@ -331,12 +331,12 @@ def global_pass_lo(spec: MergeSpec, name: str, src: TensorSource, plan: TensorPl
     """Per task: this tensor's lo counts for the buckets the task's model-wide ranks
     need; `selectors` are the merged hi selectors (not modified).  Merge the
     returned parts into them, then call `global_values`."""
-    phi = _global_phi(spec)
+    _global_phi(spec)
     begin_scratch_generation(plan.est_bytes)
     rd = _Reader(name, src, spec, device)
     out = []
     for k in range(spec.K):
-        part = selectors[k].lo_part(phi.model_ranks(selectors[k].n))
+        part = selectors[k].lo_part(spec.phi(k).model_ranks(selectors[k].n))
         if rd.n and part.needs_lo:
             for c in rd.chunks(k, max(1, plan.chunk_rows))():
                 part.add_lo(c)
@@ -346,5 +346,5 @@ def global_pass_lo(spec: MergeSpec, name: str, src: TensorSource, plan: TensorPl
 
 def global_values(spec: MergeSpec, selectors: Sequence[AbsSelector]) -> list[float]:
     """Per task: TADrop's model-wide drop rate d, or TopK's model-wide threshold."""
-    phi = _global_phi(spec)
-    return [phi.model_value(s) for s in selectors]
+    _global_phi(spec)
+    return [spec.phi(k).model_value(s) for k, s in enumerate(selectors)]
