@@ -1,21 +1,28 @@
-"""Kernel benchmark of the maths layer on one 4096 x 11008 float32 tensor, K = 8.
+"""Kernel benchmark of the maths layer: each selection step against its exact alternatives, and
+merge_tensor per task-element, measured interleaved in one run (ratios hold on a shared machine).
 
-Measures, single-threaded (torch.set_num_threads(1)):
-  - the exact k-th smallest |x|: ours (radix select) vs torch.kthvalue vs numpy.partition
-    (all three on |x|, all three exact), in ns per element;
-  - merge_tensor with in-memory sources and sinks (tau_k = theta_k - theta_0 included) for
-    TADrop + task arithmetic, TIES + TADrop and EMR + TADrop, in ns per task-element.
-Writes bench/kernels.json and bench/kernels.md.  Run it under `nice` on a quiet machine;
-the load average before and after is recorded because the machine may be shared.
+Selection steps (all exact, all on |x| of float32 task vectors; ns per element of CPU time):
+  - top-k threshold of one whole tensor (one rank): radix select vs numpy.partition vs torch.kthvalue;
+  - TADrop's statistics of one whole tensor (Q0.5, Q0.95, the (k+1)-th smallest, kept count):
+    radix select (histograms) vs numpy.partition (tadrop/select.py AbsOrder);
+  - the same read in 8 row chunks (only mergeable histograms can do it without a whole copy)
+    and at model scope (one threshold over 4 tensors: per-tensor histograms merged), against
+    numpy.partition on a gathered copy as the reference.
+The engine's path for a whole tensor is chosen per process by measurement (tadrop.select); the
+report says which path each case took and its ratio to the fastest exact alternative.
+merge_tensor (in-memory source and sink, tau_k = theta_k - theta_0 included, read once) runs
+with the engine's choice ('auto') and with the radix path forced, so the gain is measured too.
 
-    nice python3 scripts/bench_kernels.py [--rows 4096 --cols 11008 --tasks 8 --repeats 3]
+    nice python3 scripts/bench_kernels.py [--rows 2048 --cols 11008 --tasks 8 --repeats 5]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,77 +32,191 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tadrop import MemorySink, MemorySource, MergeSpec, TADrop, kth_smallest_abs, merge_tensor, plan_tensor  # noqa: E402
+from tadrop import (AbsSelector, MemorySink, MemorySource, MergeSpec, TADrop, TopK,  # noqa: E402
+                    merge_tensor, plan_tensor)
+from tadrop import select  # noqa: E402
+from tadrop.sparsify import ChunkKey  # noqa: E402
+
+TARGET_RATIO = 1.2
 
 
-def best_of(fn, repeats: int) -> tuple[float, float]:
-    """(best wall seconds, best CPU seconds of this process) over `repeats` runs after a warm-up.
-    CPU time is the steadier figure on a shared machine."""
-    fn()                                   # warm-up: buffers, page faults, caches
-    wall = cpu = float("inf")
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def busy_cpu_s() -> float:
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def interleaved(fns: dict, repeats: int) -> dict:
+    """{name: (median CPU s, median wall s)}: one warm-up each, then `repeats` rounds of every fn in turn."""
+    for f in fns.values():
+        f()
+    cpu = {k: [] for k in fns}
+    wall = {k: [] for k in fns}
     for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        wall = min(wall, time.perf_counter() - t0)
-        cpu = min(cpu, time.process_time() - c0)
-    return wall, cpu
+        for k, f in fns.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            f()
+            cpu[k].append(time.process_time() - c0)
+            wall[k].append(time.perf_counter() - t0)
+    return {k: (statistics.median(cpu[k]), statistics.median(wall[k])) for k in fns}
+
+
+# ---- the selection steps, each method computing the same exact answer ----------------------
+
+def radix_one(x, r):
+    s = AbsSelector()
+    s.add_hi(x)
+    s.select([r])
+    s.add_lo(x)
+    return s.value(r), s.count_below(r)
+
+
+def partition_one(x, r):
+    o = select.AbsOrder(x)
+    return o.value(r), o.count_below(r)
+
+
+def tadrop_stats(x, method: str, chunks: int = 1):
+    """TADrop's fit statistics through the sparsifier itself, forced to one method
+    (chunks > 1: streamed over row chunks, where only radix applies)."""
+    os.environ[select.ENV] = method
+    phi = TADrop()
+    if chunks > 1:
+        parts = x.view(chunks, -1)
+        st = phi.fit_streamed(lambda: iter(parts), x.numel())
+    else:
+        st = phi.fit(x)
+    return st.q_a, st.q_b, st.threshold, st.kept
+
+
+def model_scope_radix(xs, r):
+    sels = []
+    for x in xs:
+        s = AbsSelector()
+        s.add_hi(x)
+        sels.append(s)
+    m = AbsSelector()
+    for s in sels:
+        m.merge(s)
+    parts = [m.lo_part([r]) for _ in xs]
+    for p, x in zip(parts, xs):
+        p.add_lo(x)
+    for p in parts:
+        m.merge_lo(p)
+    return m.value(r), m.count_below(r)
+
+
+def model_scope_partition(xs, r):
+    return partition_one(torch.cat(xs), r)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=4096)
+    ap.add_argument("--rows", type=int, default=2048)
     ap.add_argument("--cols", type=int, default=11008)
     ap.add_argument("--tasks", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "bench"))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    load_before = os.getloadavg()
+    load_before, busy0, t_start = os.getloadavg(), busy_cpu_s(), time.perf_counter()
+    c_start = time.process_time()
     shape, K = (args.rows, args.cols), args.tasks
     n = args.rows * args.cols
     g = torch.Generator().manual_seed(0)
     base = torch.randn(shape, generator=g) * 0.02
-    tasks = [base + torch.randn(shape, generator=g) * 1e-3 for _ in range(K)]
-    x = tasks[0] - base
-    k = n // 3 + 1
+    tasks = [base + torch.randn(shape, generator=g) * 1e-3 * (1 + k % 3) for k in range(K)]
+    x = (tasks[0] - base).reshape(-1)
     results: dict = {"shape": list(shape), "tasks": K, "numel": n, "repeats": args.repeats}
 
-    # -- exact k-th smallest |x| ------------------------------------------------------------
-    want = float(np.partition(np.abs(x.numpy()).reshape(-1), k - 1)[k - 1])
-    assert kth_smallest_abs(x, k) == want == float(torch.kthvalue(x.abs().reshape(-1), k).values)
-    xa, xn = x.abs().reshape(-1), x.numpy().reshape(-1)
-    kth = {
-        "ours (radix select on |x|)": best_of(lambda: kth_smallest_abs(x, k), args.repeats),
-        "torch.kthvalue(|x|)": best_of(lambda: torch.kthvalue(xa, k), args.repeats),
-        "numpy.partition(|x|)": best_of(lambda: np.partition(np.abs(xn), k - 1)[k - 1], args.repeats),
-    }
-    results["kth_ns_per_element"] = {name: w / n * 1e9 for name, (w, c) in kth.items()}
-    results["kth_cpu_ns_per_element"] = {name: c / n * 1e9 for name, (w, c) in kth.items()}
+    # which path the engine takes on this machine (its own measurement, made once per process)
+    os.environ[select.ENV] = "auto"
+    chosen = {kind: select.whole_method(kind) for kind in ("one", "tadrop")}
+    results["engine_choice"] = {"chosen": chosen, "calibration": select.calibration()}
 
-    # -- merge_tensor on one tensor ----------------------------------------------------------
+    steps = []
+    # 1. one rank (top-k threshold, density 0.2), whole tensor
+    r = n - n // 5
+    want = partition_one(x, r)
+    xa = x.abs()
+    assert radix_one(x, r) == want and float(torch.kthvalue(xa, r + 1).values) == want[0]
+    t = interleaved({"radix": lambda: radix_one(x, r), "partition": lambda: partition_one(x, r),
+                     "torch.kthvalue": lambda: torch.kthvalue(x.abs(), r + 1)}, args.repeats)
+    steps.append(("top-k threshold (one rank), whole tensor", n, t, chosen["one"]))
+    # 2. TADrop statistics, whole tensor
+    assert tadrop_stats(x, "radix") == tadrop_stats(x, "partition")
+    t = interleaved({"radix": lambda: tadrop_stats(x, "radix"),
+                     "partition": lambda: tadrop_stats(x, "partition")}, args.repeats)
+    steps.append(("TADrop Q0.5, Q0.95, threshold, kept; whole tensor", n, t, chosen["tadrop"]))
+    # 3. the same in 8 row chunks: histograms merge, a partition would need the whole copy
+    assert tadrop_stats(x, "radix", 8) == tadrop_stats(x, "partition")
+    t = interleaved({"radix": lambda: tadrop_stats(x, "radix", 8),
+                     "partition": lambda: tadrop_stats(x, "partition")}, args.repeats)
+    steps.append(("TADrop statistics, 8 row chunks (partition: on a whole copy)", n, t, "radix"))
+    # 4. model scope: one threshold over 4 tensors
+    xs = [(tk - base).reshape(-1) for tk in tasks[:4]]
+    N, rm = 4 * n, 4 * n - (4 * n) // 5
+    assert model_scope_radix(xs, rm) == model_scope_partition(xs, rm)
+    t = interleaved({"radix": lambda: model_scope_radix(xs, rm),
+                     "partition": lambda: model_scope_partition(xs, rm)}, args.repeats)
+    steps.append(("model scope: one rank over 4 tensors (partition: on a gathered copy)", N, t, "radix"))
+    results["selection"] = [
+        {"step": name, "elements": ne, "taken": taken,
+         "cpu_ns_per_element": {m: c / ne * 1e9 for m, (c, w) in tt.items()},
+         "wall_ns_per_element": {m: w / ne * 1e9 for m, (c, w) in tt.items()}}
+        for name, ne, tt, taken in steps]
+    for s in results["selection"]:
+        c = s["cpu_ns_per_element"]
+        s["fastest"] = min(c, key=c.get)
+        s["ratio_to_fastest"] = c[s["taken"]] / c[s["fastest"]]
+        # row-chunked / model scope: radix is the only path within the memory budget
+        s["meets_target"] = s["ratio_to_fastest"] <= TARGET_RATIO if "whole tensor" in s["step"] else None
+    os.environ.pop(select.ENV, None)
+
+    # -- merge_tensor on one tensor, engine's choice vs radix forced --------------------------
     names = tuple(f"task{i}" for i in range(K))
     cases = {
-        "TADrop + task arithmetic": MergeSpec("task_arithmetic", TADrop(), names),
+        "TIES (top-k 0.2)": MergeSpec("ties", TopK(0.2), names),
         "TIES + TADrop": MergeSpec("ties", TADrop(), names),
         "EMR + TADrop": MergeSpec("emr", TADrop(), names),
     }
     src = MemorySource(base, tasks)
-    merge = {}
+    fns, meta = {}, {}
     for label, spec in cases.items():
         plan = plan_tensor(spec, shape, K, 1 << 40)          # everything fits: one read
         sink = MemorySink(shape, K)
-        w, c = best_of(lambda: merge_tensor(spec, "bench.weight", src, sink, plan), args.repeats)
-        merge[label] = {"ns_per_task_element": w / (n * K) * 1e9, "cpu_ns_per_task_element": c / (n * K) * 1e9,
-                        "seconds": w, "chunk_rows": plan.chunk_rows, "fit_whole": plan.fit_whole}
-    results["merge_tensor"] = merge
-    results["targets"] = {"kth_ns_per_element": 4.0, "emr_tadrop_ns_per_task_element": 15.0}
+        for mode in ("auto", "radix"):
+            def run(spec=spec, plan=plan, sink=sink, mode=mode):
+                os.environ[select.ENV] = mode
+                merge_tensor(spec, "bench.weight", src, sink, plan)
+            fns[(label, mode)] = run
+            meta[(label, mode)] = plan
+    t = interleaved(fns, args.repeats)
+    os.environ.pop(select.ENV, None)
+    results["merge_tensor"] = [
+        {"case": label, "selection": mode if mode == "radix" else f"auto ({chosen['tadrop' if 'TADrop' in label else 'one']})",
+         "cpu_ns_per_task_element": c / (n * K) * 1e9, "wall_ns_per_task_element": w / (n * K) * 1e9,
+         "chunk_rows": meta[(label, mode)].chunk_rows}
+        for (label, mode), (c, w) in t.items()]
+    results["targets"] = {"ratio_to_fastest_exact": TARGET_RATIO}
+    wall, own = time.perf_counter() - t_start, time.process_time() - c_start
     results["environment"] = {
-        "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(), "python": platform.python_version(), "torch": torch.__version__,
+        "numpy": np.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
+        "others_cpu_share": max(0.0, busy_cpu_s() - busy0 - own) / (wall * (os.cpu_count() or 1)),
     }
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernels.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -108,27 +229,43 @@ def render(r: dict) -> str:
     lines = [
         "# Kernel benchmark (scripts/bench_kernels.py)",
         "",
-        f"One {r['shape'][0]} x {r['shape'][1]} float32 tensor ({r['numel']:,} elements), "
-        f"K = {r['tasks']} tasks, torch {env['torch']}, numpy {env['numpy']}, "
-        f"{env['torch_threads']} torch thread, best of {r['repeats']} after a warm-up.",
-        f"Machine: {env['cpu_count']} cores ({env['processor']}), shared with other work: load average "
-        f"{env['loadavg_before'][0]:.2f} before, {env['loadavg_after'][0]:.2f} after "
-        "(a load above 1 on these cores inflates the wall figures; CPU time is this process's own).",
+        f"CPU: **{env['cpu_model']}**, {env['cpu_count']} cores, shared with other work: load average "
+        f"{env['loadavg_before'][0]:.2f} before, {env['loadavg_after'][0]:.2f} after; other processes used "
+        f"{env['others_cpu_share']:.0%} of the cores during the run. torch {env['torch']}, numpy {env['numpy']}, "
+        f"{env['torch_threads']} torch thread. {r['shape'][0]} x {r['shape'][1]} float32 tensors "
+        f"({r['numel']:,} elements), K = {r['tasks']}. Every figure is the median CPU time of "
+        f"{r['repeats']} interleaved rounds (the compared cases alternate, so load hits them alike); "
+        "ratios within this run are the result, absolute figures move with the machine and its load.",
         "",
-        "## Exact k-th smallest |x| (k = n/3)",
+        "## Selection: each step against its exact alternatives (ns / element, CPU)",
         "",
-        "| method | ns / element (wall) | ns / element (CPU) |",
-        "| --- | ---: | ---: |",
+        "All methods return the same exact values and counts (asserted before timing). `taken` is the "
+        "path the engine uses; for a whole tensor it is chosen per process by measurement "
+        f"(tadrop/select.py; here: top-k {r['engine_choice']['chosen']['one']}, "
+        f"TADrop {r['engine_choice']['chosen']['tadrop']}).",
+        "",
+        "| step | radix select | numpy.partition | torch.kthvalue | taken | taken / fastest |",
+        "| --- | ---: | ---: | ---: | --- | ---: |",
     ]
-    lines += [f"| {k} | {v:.2f} | {r['kth_cpu_ns_per_element'][k]:.2f} |" for k, v in r["kth_ns_per_element"].items()]
-    lines += [f"", f"Target: <= {r['targets']['kth_ns_per_element']} ns / element.", "",
-              "## merge_tensor, one tensor, in-memory source and sink", "",
-              "tau_k = theta_k - theta_0, TADrop fit + apply, the merge, sink writes; read once.", "",
-              "| case | ns / task-element (wall) | ns / task-element (CPU) | seconds (wall) |",
-              "| --- | ---: | ---: | ---: |"]
-    lines += [f"| {k} | {v['ns_per_task_element']:.2f} | {v['cpu_ns_per_task_element']:.2f} | {v['seconds']:.2f} |"
-              for k, v in r["merge_tensor"].items()]
-    lines += ["", f"Target: EMR + TADrop <= {r['targets']['emr_tadrop_ns_per_task_element']} ns / task-element.", ""]
+    for s in r["selection"]:
+        c = s["cpu_ns_per_element"]
+        cell = lambda m: (f"**{c[m]:.2f}**" if m == s["fastest"] else f"{c[m]:.2f}") if m in c else "-"  # noqa: E731
+        lines.append(f"| {s['step']} | {cell('radix')} | {cell('partition')} | {cell('torch.kthvalue')} | "
+                     f"{s['taken']} | {s['ratio_to_fastest']:.2f} |")
+    lines += ["", f"Target: the path taken within {r['targets']['ratio_to_fastest_exact']}x of the fastest exact "
+              "alternative. Row-chunked and model-scope selection must merge histograms (a partition needs "
+              "the whole data in one array, which the memory budget forbids there); their partition column "
+              "is the cost of that forbidden copy-and-partition, for reference.",
+              "", "Calibration of this process (2^21-element sample, best of 3, CPU ns / element): "
+              + "; ".join(f"{k}: " + ", ".join(f"{m} {v:.2f}" for m, v in c["ns_per_element"].items())
+                          for k, c in r["engine_choice"]["calibration"].items()) + ".",
+              "", "## merge_tensor, one tensor, in-memory source and sink", "",
+              "tau_k = theta_k - theta_0, the sparsifier's fit + apply, the merge, sink writes; read once.", "",
+              "| case | selection | ns / task-element (CPU) | ns / task-element (wall) |",
+              "| --- | --- | ---: | ---: |"]
+    lines += [f"| {m['case']} | {m['selection']} | {m['cpu_ns_per_task_element']:.2f} | "
+              f"{m['wall_ns_per_task_element']:.2f} |" for m in r["merge_tensor"]]
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -19,7 +19,8 @@ from typing import Callable, ClassVar, Iterable
 import torch
 
 from ._buffers import Sum64, scratch, sumsq64
-from .quantile import AbsSelector, prev_float32
+from .quantile import AbsSelector, NonFiniteError, prev_float32
+from .select import AbsOrder, whole_method
 
 Chunks = Callable[[], Iterable[torch.Tensor]]
 
@@ -171,7 +172,11 @@ class TADrop(Sparsifier):
         total = sum(sel.bucket_count(b) for b in buckets)
         return buckets if len(buckets) <= 8 and total <= max(1 << 16, n >> 5) else []
 
-    def _fit(self, chunks: Chunks, n: int, global_value, norm_of_kept) -> SparsifyStats:
+    def _fit(self, chunks: Chunks, n: int, global_value, norm_of_kept,
+             whole: torch.Tensor | None = None) -> SparsifyStats:
+        if whole is not None and n and whole_method(
+                "tadrop" if global_value is None else "one", whole.device) == "partition":
+            return self._fit_partition(whole, n, global_value, norm_of_kept)
         sel, acc = AbsSelector(), None
         for c in chunks():
             c = _flat(c)
@@ -191,13 +196,32 @@ class TADrop(Sparsifier):
             d = self._d(qa, qb)
         else:
             d = min(max(float(global_value), 0.0), 1.0)
+        return self._finish(n, S, qa, qb, d, lambda k: _threshold(sel, chunks, k), norm_of_kept)
+
+    def _fit_partition(self, whole, n, global_value, norm_of_kept) -> SparsifyStats:
+        """The same fit on a whole CPU tensor by numpy partition (select.py): same bits."""
+        flat = _flat(whole)
+        S = sumsq64(flat)
+        if not math.isfinite(S):          # the radix path's histogram would have raised
+            raise NonFiniteError("non-finite value (NaN or Inf)")
+        order = AbsOrder(flat)
+        qa = qb = None
+        if global_value is None:
+            qb, qa = order.quantile(self.b), order.quantile(self.a)   # larger rank first: less to scan
+            d = self._d(qa, qb)
+        else:
+            d = min(max(float(global_value), 0.0), 1.0)
+        return self._finish(n, S, qa, qb, d, lambda k: (order.value(k), n - order.count_below(k)),
+                            norm_of_kept)
+
+    def _finish(self, n, S, qa, qb, d, threshold, norm_of_kept) -> SparsifyStats:
         k = math.floor(d * n)
         if k <= 0:
             t, kept = 0.0, n
         elif k >= n:
             t, kept = math.inf, 0
         else:
-            t, kept = _threshold(sel, chunks, k)
+            t, kept = threshold(k)
         if kept == n:
             S_hat = S
         elif kept == 0:
@@ -224,13 +248,21 @@ class TADrop(Sparsifier):
             return acc.value()
         return self._fit(chunks, numel, global_value, norm_of_kept)
 
+    def fit(self, tau, *, global_value=None):
+        flat = _flat(tau)
+        return self.fit_streamed(lambda: (flat,), flat.numel(), global_value=global_value) \
+            if flat.device.type != "cpu" else self._fit(
+                lambda: (flat,), flat.numel(), global_value,
+                lambda t: sumsq64(_shrink(flat, t, scratch("phi.f32", flat.numel(), torch.float32, "cpu"))),
+                whole=flat)
+
     def fit_apply_(self, tau, key, *, global_value=None):
         flat = tau.view(-1)
 
         def norm_of_kept(t):  # drop in place now; the rescale follows below
             _shrink(flat, t, flat)
             return sumsq64(flat)
-        stats = self._fit(lambda: (flat,), flat.numel(), global_value, norm_of_kept)
+        stats = self._fit(lambda: (flat,), flat.numel(), global_value, norm_of_kept, whole=flat)
         if stats.kept == 0:
             flat.zero_()
         if stats.scale != 1.0:
@@ -273,6 +305,17 @@ class TopK(Sparsifier):
         r = self._rank(sel.n)
         sel.select([r])
         return sel.value(r)
+
+    def fit(self, tau, *, global_value=None):
+        flat = _flat(tau)
+        n = flat.numel()
+        if n and global_value is None and whole_method("one", flat.device) == "partition":
+            order = AbsOrder(flat)          # exact, same answer as the radix path (select.py)
+            k = self._rank(n)
+            kept = n - order.count_below(k)
+            return SparsifyStats(numel=n, drop_rate=(n - kept) / n, k=k, threshold=order.value(k),
+                                 kept=kept)
+        return self.fit_streamed(lambda: (flat,), n, global_value=global_value)
 
     def fit_streamed(self, chunks, numel, *, global_value=None):
         n = numel

@@ -1,0 +1,165 @@
+"""Exact order statistics of |x| for one whole CPU tensor, by whichever exact method is faster here.
+
+Two exact methods give the same answers bit for bit (the k-th smallest |x| is one
+float32 of the data, and counts are counts):
+  - radix selection on float32 bit patterns (quantile.AbsSelector): mergeable
+    histograms, so it is the only choice when a tensor is read in row chunks or
+    one task's statistics span the model (model scope);
+  - numpy's partition (introselect; SIMD-sorted on CPUs numpy 2 has kernels for)
+    on a copy of |x|: no merging, but on a whole tensor that fits it can be the
+    faster of the two, by a factor that changes from one CPU to the next.
+Which one wins is a property of the machine, not of the code, so `whole_method`
+decides it by measurement: once per process and query kind it times both on a
+fixed 2^21-element sample (interleaved, best CPU time of three), about 0.1 s.
+TADROP_SELECT=radix|partition forces a method (tests, benchmarks).
+"""
+from __future__ import annotations
+
+import bisect
+import math
+import os
+import threading
+import time
+
+import numpy as np
+import torch
+
+from ._buffers import scratch
+from .quantile import AbsSelector, NonFiniteError, linear_ranks, numpy_lerp
+
+METHODS = ("radix", "partition")
+ENV = "TADROP_SELECT"
+_CAL_N = 1 << 21
+_lock = threading.Lock()
+_chosen: dict[str, str] = {}
+_timings: dict[str, dict[str, float]] = {}
+
+
+class AbsOrder:
+    """Exact order statistics of |x| over one whole float32 CPU tensor, by partitioning a copy.
+
+    Each `value(rank)` partitions only the segment between the nearest ranks already
+    placed, so a few ranks cost little more than one.  NaN/Inf raise NonFiniteError.
+    """
+
+    def __init__(self, x: torch.Tensor):
+        x = x.reshape(-1)
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            raise ValueError("AbsOrder needs a float32 CPU tensor")
+        self.n = x.numel()
+        buf = scratch("sel.abs", self.n, torch.float32, "cpu")
+        self._a = np.abs(x.numpy(), out=buf.numpy())
+        if self.n and not math.isfinite(float(self._a.max())):   # max propagates NaN
+            raise NonFiniteError("non-finite value (NaN or Inf)")
+        self._placed: list[int] = []          # ranks already in their sorted position
+
+    def value(self, rank: int) -> float:
+        """Exact float32 value of the rank-th (0-based) smallest |x|."""
+        rank = int(rank)
+        if not 0 <= rank < self.n:
+            raise IndexError(f"rank {rank} outside [0, {self.n})")
+        a, placed = self._a, self._placed
+        i = bisect.bisect_left(placed, rank)
+        if i == len(placed) or placed[i] != rank:
+            lo = placed[i - 1] + 1 if i else 0
+            hi = placed[i] if i < len(placed) else self.n
+            seg = a[lo:hi]
+            if rank == lo:                    # the segment's minimum: one pass, no partition
+                j = int(seg.argmin())
+                seg[0], seg[j] = seg[j], seg[0]
+            elif rank == hi - 1:
+                j = int(seg.argmax())
+                seg[-1], seg[j] = seg[j], seg[-1]
+            else:
+                seg.partition(rank - lo)
+            placed.insert(i, rank)
+        return float(a[rank])
+
+    def count_below(self, rank: int) -> int:
+        """Number of elements with |x| strictly below the rank-th smallest |x|."""
+        v = np.float32(self.value(rank))
+        a, placed = self._a, self._placed
+        i = bisect.bisect_left(placed, rank)
+        start = 0                              # everything left of a placed rank with a smaller value is < v
+        for j in range(i - 1, -1, -1):
+            if a[placed[j]] < v:
+                start = placed[j] + 1
+                break
+        seg = a[start:rank]                    # all <= v; count those equal to v
+        eq = np.equal(seg, v, out=scratch("sel.eq", seg.size, torch.bool, "cpu").numpy())
+        return rank - int(np.count_nonzero(eq))
+
+    def quantile(self, p: float) -> float:
+        """numpy 'linear' quantile of |x| (as AbsSelector.quantile)."""
+        lo, hi, t = linear_ranks(self.n, p)
+        return numpy_lerp(self.value(lo), self.value(hi), t)
+
+
+# ---- choosing ----------------------------------------------------------------------
+
+def _radix_query(x: torch.Tensor, kind: str) -> None:
+    s = AbsSelector()
+    s.add_hi(x)
+    n = s.n
+    if kind == "tadrop":   # two quantiles and a threshold below the median: one lo pass each
+        s.select(s.quantile_ranks(0.5) + s.quantile_ranks(0.95))
+        s.add_lo(x)
+        s.quantile(0.5), s.quantile(0.95)
+        r = n // 3
+    else:
+        r = n - n // 5
+    s.select([r])
+    if s.needs_lo:
+        s.add_lo(x)
+    s.count_below(r)
+
+
+def _partition_query(x: torch.Tensor, kind: str) -> None:
+    o = AbsOrder(x)
+    n = o.n
+    if kind == "tadrop":
+        o.quantile(0.95), o.quantile(0.5)
+        r = n // 3
+    else:
+        r = n - n // 5
+    o.count_below(r)
+
+
+def _calibrate(kind: str) -> str:
+    g = torch.Generator().manual_seed(12345)
+    x = torch.randn(_CAL_N, generator=g).mul_(1e-3)
+    best = {m: math.inf for m in METHODS}
+    query = {"radix": _radix_query, "partition": _partition_query}
+    for m in METHODS:                          # warm-up: scratch buffers, code paths
+        query[m](x, kind)
+    for _ in range(3):                         # interleaved, so a burst of load hits both
+        for m in METHODS:
+            t0 = time.thread_time()
+            query[m](x, kind)
+            best[m] = min(best[m], time.thread_time() - t0)
+    _timings[kind] = {m: best[m] / _CAL_N * 1e9 for m in METHODS}
+    return min(METHODS, key=lambda m: best[m])
+
+
+def whole_method(kind: str = "tadrop", device="cpu") -> str:
+    """'radix' or 'partition' for a whole tensor on `device`; kind 'tadrop' (two
+    quantiles and a threshold) or 'one' (a single rank, e.g. top-k)."""
+    if torch.device(device).type != "cpu":
+        return "radix"
+    forced = os.environ.get(ENV, "auto").strip().lower()
+    if forced in METHODS:
+        return forced
+    if forced not in ("", "auto"):
+        raise ValueError(f"{ENV}={forced!r}: expected auto|radix|partition")
+    m = _chosen.get(kind)
+    if m is None:
+        with _lock:
+            m = _chosen.get(kind)
+            if m is None:
+                m = _chosen[kind] = _calibrate(kind)
+    return m
+
+
+def calibration() -> dict:
+    """What `whole_method` measured in this process: kind -> {method: CPU ns per element}, chosen."""
+    return {k: {"ns_per_element": dict(v), "chosen": _chosen.get(k)} for k, v in _timings.items()}

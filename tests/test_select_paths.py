@@ -1,0 +1,108 @@
+"""The two exact selection methods (radix histograms, numpy partition) give the same bits everywhere."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tadrop import MemorySink, MemorySource, MergeSpec, NonFiniteError, TADrop, TopK, merge_tensor, plan_tensor
+from tadrop.select import ENV, AbsOrder, calibration, whole_method
+from tadrop.sparsify import ChunkKey
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _cases():
+    g = torch.Generator().manual_seed(7)
+    yield torch.randn(5000, generator=g) * 1e-3
+    yield torch.randn(3000, generator=g).round()                  # heavy ties, zeros
+    yield torch.zeros(100)                                         # all zero
+    yield torch.tensor([2.5])                                      # one element
+    yield (torch.rand(4096, generator=g) ** 6) * torch.sign(torch.randn(4096, generator=g))
+    yield torch.full((777,), -3.0)                                 # one value
+
+
+@given(st.lists(st.floats(-1e3, 1e3, width=32), min_size=1, max_size=300),
+       st.lists(st.floats(0, 1), min_size=1, max_size=6))
+@SETTINGS
+def test_abs_order_matches_sorting(vals, fracs):
+    x = torch.tensor(vals, dtype=torch.float32)
+    srt = np.sort(np.abs(x.numpy()))
+    o = AbsOrder(x)
+    for f in fracs:
+        r = min(len(vals) - 1, int(f * len(vals)))
+        assert np.float32(o.value(r)).tobytes() == srt[r].tobytes()
+        assert o.count_below(r) == int(np.count_nonzero(srt < srt[r]))
+        assert o.quantile(f) == float(np.quantile(srt, f))
+
+
+@pytest.mark.parametrize("phi", [TADrop(), TADrop(a=0.3, b=0.99, rescale="inverse_keep"),
+                                 TADrop(rescale="none"), TopK(0.2), TopK(0.9), TopK(0.0)])
+def test_fit_same_stats_and_values_both_methods(monkeypatch, phi):
+    for x in _cases():
+        got = {}
+        for m in ("radix", "partition"):
+            monkeypatch.setenv(ENV, m)
+            t = x.clone()
+            st_ = phi.fit_apply_(t, ChunkKey())
+            got[m] = (st_, t.numpy().tobytes(), phi.fit(x.clone()))
+        assert got["radix"] == got["partition"], (phi, x[:5])
+
+
+@pytest.mark.parametrize("gv", [0.0, 0.37, 1.0])
+def test_global_value_fit_same_both_methods(monkeypatch, gv):
+    x = next(_cases())
+    got = {}
+    for m in ("radix", "partition"):
+        monkeypatch.setenv(ENV, m)
+        t = x.clone()
+        got[m] = (TADrop(scope="model").fit_apply_(t, ChunkKey(), global_value=gv), t.numpy().tobytes())
+    assert got["radix"] == got["partition"]
+
+
+@pytest.mark.parametrize("phi", [TADrop(), TopK(0.3)])
+def test_nonfinite_raises_in_both_methods(monkeypatch, phi):
+    for bad in (math.nan, math.inf, -math.inf):
+        x = torch.randn(1000)
+        x[123] = bad
+        for m in ("radix", "partition"):
+            monkeypatch.setenv(ENV, m)
+            with pytest.raises(NonFiniteError):
+                phi.fit_apply_(x.clone(), ChunkKey())
+
+
+@pytest.mark.parametrize("method,phi", [("emr", TADrop()), ("ties", TopK(0.2)), ("ties", TADrop())])
+def test_merge_tensor_bit_identical_whole_fit_and_streamed(monkeypatch, method, phi):
+    """Read once (either method), fitted whole then chunked (either method), fitted
+    streamed (radix only): the same bits."""
+    g = torch.Generator().manual_seed(3)
+    shape, K = (64, 96), 3
+    base = torch.randn(shape, generator=g) * 0.02
+    tasks = [base + torch.randn(shape, generator=g) * 1e-3 for _ in range(K)]
+    spec = MergeSpec(method, phi, tuple(f"t{k}" for k in range(K)))
+    src = MemorySource(base, tasks)
+    outs = []
+    for m, budget in (("radix", 1 << 30), ("partition", 1 << 30), ("partition", 200_000),
+                      ("radix", 200_000), ("partition", 60_000)):
+        monkeypatch.setenv(ENV, m)
+        plan = plan_tensor(spec, shape, K, budget)
+        sink = MemorySink(shape, K)
+        res = merge_tensor(spec, "w", src, sink, plan)
+        outs.append((plan.chunk_rows < shape[0], plan.fit_whole, res.stats,
+                     {k: v.numpy().tobytes() for k, v in vars(sink).items() if isinstance(v, torch.Tensor)}))
+    assert [o[:2] for o in outs] == [(False, True), (False, True), (True, True), (True, True), (True, False)]
+    assert all(o[2:] == outs[0][2:] for o in outs[1:])
+
+
+def test_auto_choice_is_measured(monkeypatch):
+    monkeypatch.setenv(ENV, "auto")
+    m = whole_method("one")
+    assert m in ("radix", "partition")
+    cal = calibration()["one"]
+    assert cal["chosen"] == m == min(cal["ns_per_element"], key=cal["ns_per_element"].get)
+    assert whole_method("one", "meta") == "radix"                   # off-CPU: histograms only
+    monkeypatch.setenv(ENV, "sorting")
+    with pytest.raises(ValueError):
+        whole_method("one")
