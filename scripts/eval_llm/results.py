@@ -186,6 +186,7 @@ def write(out_dir: Path, bench, test: dict[str, dict], timings: dict) -> None:
         "chosen_on_val": bench.chosen, "not_run": bench.not_run,
         "configs": {s: {k: {"label": lab, **spec} for k, (lab, spec) in bench.rows.get(s, {}).items()}
                     for s in test},
+        "quantile_grid_val": getattr(bench, "grid_val", {}),
         "drop_rate_spread": sp, "timings_s": timings,
         "merge_s": {s: {k: merge_seconds(bench.work / "runs" / f"{s}__{lab}")
                         for k, (lab, _) in bench.rows.get(s, {}).items()} for s in test},
@@ -238,14 +239,13 @@ def markdown(bench, record, test, cis, comps, sp, timings, png) -> list[str]:
         md += domain_table(bench, s, TABLE1, test.get(s, {}), cis.get(s, {}))
     md += ["", f"## Table 4: EMR ablations ({SETTING_TITLE['full']})", ""]
     md += domain_table(bench, "full", TABLE4, test.get("full", {}), cis.get("full", {}))
-    md += ["", "## Quantile sensitivity (EMR + TADrop, full fine-tunes; mean kept share %)", "",
+    md += ["", "## Quantile sensitivity (EMR + TADrop, full fine-tunes; mean kept share %, "
+           "**validation** split)", "",
            "| a \\ b | " + " | ".join(str(b) for b in bench_grid_b()) + " |",
            "| --- | " + " | ".join("---:" for _ in bench_grid_b()) + " |"]
     for a in bench_grid_a():
-        cells = []
-        for b in bench_grid_b():
-            key = "emr_tadrop" if (a, b) == (0.5, 0.95) else f"emr_tadrop_a{a}_b{b}"
-            cells.append(pct(test["full"][key]["mean"]) if key in test.get("full", {}) else "not run")
+        cells = [pct(bench.grid_val[f"{a},{b}"]) if f"{a},{b}" in getattr(bench, "grid_val", {}) else "not run"
+                 for b in bench_grid_b()]
         md.append(f"| {a} | " + " | ".join(cells) + " |")
     md += ["", f"## Long fine-tunes ({bench.recipes['long'].steps} steps at lr {bench.recipes['long'].lr}, "
            f"vs {bench.recipes['full'].steps} at {bench.recipes['full'].lr})", ""]
