@@ -153,3 +153,68 @@ def test_supports_names_the_refused_key():
     assert "sparsify.tadrop.scope" in merges.supports(
         {"method": "emr", "sparsify": {"kind": "tadrop", "scope": "nowhere"}}, names)
     assert merges.supports({"method": "tall_masks", "tall": {"lambdas": {"perl": 0.2}}}, names)
+
+
+def test_results_tables_from_synthetic_scores(tmp_path):
+    """results.write on scores made up here: every table, the not-run rows and the
+    JSON record come out, and the numbers are the kept shares of the scores."""
+    import types
+
+    import bench as bench_mod
+    import results
+    doms = ["man", "c"]
+    s = Scores(tmp_path / "scores.json")
+    rng = np.random.default_rng(0)
+    noise = {d: rng.normal(0, 0.05, 24) for d in doms}
+    level = {"base": 4.0, "individual": 3.0, "ta@0.5": 3.5, "emr": 3.2, "emr_tadrop": 3.1}
+    for setting in ("full", "lora", "long"):
+        for d in doms:
+            s.put("base", "test", d, list(level["base"] + noise[d]))
+            for lab in ("individual", "ta@0.5", "emr", "emr_tadrop"):
+                s.put(f"{setting}/{lab}", "test", d, list(level[lab] + noise[d]))
+    rows = {st: {"ta": ("ta@0.5", {"method": "task_arithmetic", "lambda": 0.5}),
+                 "emr": ("emr", {"method": "emr"}), "emr_tadrop": ("emr_tadrop", {"method": "emr"})}
+            for st in ("full", "lora", "long")}
+    base_dir = tmp_path / "base"
+    base_dir.mkdir()
+    (base_dir / "train.json").write_text(json.dumps({"parameters": 1_377_408}))
+    b = types.SimpleNamespace(
+        domains=doms, scores=s, rows=rows, chosen={"full/ta": {"label": "ta@0.5", "val_share": 0.4}},
+        not_run={"full/emr_mask_norm": "emr.tadrop: Extra inputs are not permitted"},
+        recipes=bench_mod.RECIPES["toy"], size="toy", work=tmp_path, base=base_dir,
+        manifest={"domains": {}, "sequences": {}, "packages": {}, "matches_manifest": True},
+        lora_as_adapters=lambda: False, grid_val={"0.5,0.95": 0.7})
+    test = {st: {k: mean_share(s, f"{st}/{lab}", "base", f"{st}/individual", "test", doms)
+                 for k, (lab, _) in rows[st].items()} for st in rows}
+    results.write(tmp_path / "out", b, test, {"data": 1.0, "total": 1.0, "invocations": 1})
+    md = (tmp_path / "out" / "eval_llm.md").read_text()
+    assert "| Task arithmetic | **50.0** |" in md                      # (4.0 - 3.5) / (4.0 - 3.0)
+    assert "| EMR + TADrop | **90.0** |" in md
+    assert "EMR + TADrop vs EMR | +10.0 |" in md
+    assert "| EMR + TADrop, mask, rescale norm |" in md and "not run" in md
+    assert "merged to full with peft merge_and_unload" in md
+    rec = json.loads((tmp_path / "out" / "eval_llm.json").read_text())
+    assert rec["kept_share_test"]["full"]["ta"]["mean"] == pytest.approx(0.5)
+    assert rec["paired_differences"]["full"]["EMR + TADrop vs EMR"]["lo"] > 0
+    assert rec["not_run"] == b.not_run
+
+
+def test_loader_reuses_one_model_and_is_strict(tmp_path):
+    tok_dir = tmp_path / "tok"
+    build_data.train_tokenizer(["hello world"] * 20, tok_dir)
+    a = lm.make_model("toy", vocab=300, seq=build_data.SEQ, seed=0)
+    b = lm.make_model("toy", vocab=300, seq=build_data.SEQ, seed=1)
+    pa, pb = _save_toy(a, tok_dir, tmp_path / "a"), _save_toy(b, tok_dir, tmp_path / "b")
+    loader = lm.Loader()
+    m1 = loader.load(pa)
+    m2 = loader.load(pb)
+    assert m1 is m2                                                  # one object, new weights
+    for k, v in b.state_dict().items():
+        torch.testing.assert_close(m2.state_dict()[k], v)
+    from safetensors.torch import load_file, save_file
+    f = next(pb.glob("*.safetensors"))
+    sd = load_file(str(f))
+    sd.pop("lm_head.weight")
+    save_file(sd, str(f))
+    with pytest.raises(RuntimeError, match="lm_head.weight"):
+        loader.load(pb)

@@ -42,9 +42,9 @@ STEPS = ["data", "pretrain", "finetune", "individual", "table1", "long", "grid",
 # at a larger learning rate, so task vectors move far from Gaussian noise.
 RECIPES = {
     "small": {"pretrain": lm.Recipe(steps=200, lr=3e-3, weight_decay=0.01),
-              "full": lm.Recipe(steps=24, lr=1e-3),
-              "lora": lm.Recipe(steps=24, lr=3e-3, lora_r=8, lora_alpha=16),
-              "long": lm.Recipe(steps=64, lr=3e-3, batch=4)},
+              "full": lm.Recipe(steps=16, lr=1e-3),
+              "lora": lm.Recipe(steps=16, lr=3e-3, lora_r=8, lora_alpha=16),
+              "long": lm.Recipe(steps=48, lr=3e-3, batch=4)},
     "toy": {"pretrain": lm.Recipe(steps=30, lr=3e-3, batch=4, weight_decay=0.01),
             "full": lm.Recipe(steps=6, lr=1e-3, batch=4),
             "lora": lm.Recipe(steps=6, lr=3e-3, batch=4, lora_r=4, lora_alpha=8),
@@ -63,6 +63,7 @@ class Bench:
         self.not_run: dict[str, str] = {}
         self.rows: dict[str, dict[str, tuple[str, dict]]] = {}   # setting -> key -> (label, spec)
         self.base = self.work / "models" / "base"
+        self.loader = lm.Loader()
 
     # -- data and training ---------------------------------------------------------------
     def load_data(self) -> None:
@@ -116,7 +117,7 @@ class Bench:
         todo = [d for d in domains if self.scores.get(label, split, d) is None]
         if not todo:
             return
-        model = lm.load(path)
+        model = self.loader.load(path)
         for d in todo:
             data = self.tokens[f"{d}/{split}"]
             self.scores.put(label, split, d, lm.seq_losses(model, data[:TEST_SCORED] if split == "test" else data))

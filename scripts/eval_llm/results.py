@@ -247,13 +247,14 @@ def markdown(bench, record, test, cis, comps, sp, timings, png) -> list[str]:
         cells = [pct(bench.grid_val[f"{a},{b}"]) if f"{a},{b}" in getattr(bench, "grid_val", {}) else "not run"
                  for b in bench_grid_b()]
         md.append(f"| {a} | " + " | ".join(cells) + " |")
-    md += ["", f"## Long fine-tunes ({bench.recipes['long'].steps} steps at lr {bench.recipes['long'].lr}, "
-           f"vs {bench.recipes['full'].steps} at {bench.recipes['full'].lr})", ""]
+    lo, fu = bench.recipes["long"], bench.recipes["full"]
+    md += ["", f"## Long fine-tunes ({lo.steps} steps of {lo.batch} sequences at lr {lo.lr}, vs "
+           f"{fu.steps} of {fu.batch} at {fu.lr})", ""]
     md += domain_table(bench, "long", LONG, test.get("long", {}), cis.get("long", {}))
     md += ["", "### Where TADrop dropped: per-tensor drop rate d (EMR + TADrop runs, a = 0.5, b = 0.95)", "",
            "Over (tensor, task) pairs. Heatmap of the long setting (tensor type x layer, one panel per "
            f"domain): `{png.name}` (`tadrop report`).", ""]
-    md += spread_table(sp)
+    md += spread_table(sp) if any(sp.values()) else ["(no EMR + TADrop run with drop rates)"]
     md += ["", "## Paired differences (kept-share points, 95% CI, domains up / down)", "",
            "| setting | comparison | difference | 95% CI | domains up / down |",
            "| --- | --- | ---: | --- | ---: |"]
