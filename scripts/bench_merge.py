@@ -14,6 +14,15 @@ RSS and is judged on RSS; the other two are reported beside it.
     python3 scripts/bench_merge.py                 # the three target cases
     python3 scripts/bench_merge.py --mergekit      # + mergekit 0.1.5 on the same inputs
     python3 scripts/bench_merge.py --ray           # + the same cases with --executor ray
+    python3 scripts/bench_merge.py --mergekit --cases tadrop-ties-k4,tadrop-emr_tadrop-k4,mergekit-ties-k4 \
+        --repeats 2                                # the one-run mergekit comparison, interleaved
+    python3 scripts/bench_merge.py --k32 --resume-test --cases tadrop-emr_tadrop-k16,tadrop-emr_tadrop-k32
+
+Bytes read from disk: /proc/self/io read_bytes of this process before and after a case;
+the kernel adds a reaped child's (and its reaped children's) I/O to its parent, so the
+delta is the whole local process tree's reads (a cold cache makes them disk reads).
+mergekit is run from --mergekit-venv (default /work/venvs/mergekit when it exists,
+else bench_data/mergekit-venv, created with mergekit 0.1.5 over the system torch).
 
 Generated checkpoints are cached under --data (default bench_data/, git-ignored);
 results go to bench/merge.json and bench/merge.md.
@@ -27,6 +36,7 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -41,6 +51,10 @@ GiB = 2**30
 SIZES = dict(hidden=2048, layers=8, intermediate=5632, vocab=32000, heads=16, kv_heads=16)
 MERGEKIT = "mergekit==0.1.5"
 TARGET_WALL = {"tadrop-ties-k4": 17.0, "tadrop-emr_tadrop-k4": 20.0, "tadrop-emr_tadrop-k16": 70.0}
+TARGET_VS_MERGEKIT = 10.0      # tadrop TIES K=4 at least this many times faster than mergekit's
+TARGET_EMR_VS_TIES = 1.3       # EMR + TADrop K=4 wall within this factor of our TIES K=4
+TARGET_READ_RATIO = 1.05       # bytes read from disk per input byte, tensor scope, cold cache
+TARGET_K32_VS_K16 = 2.2        # wall linear in K
 
 
 @dataclass
@@ -80,6 +94,13 @@ class Result:
     meets_wall: bool | None = None
     meets_rss: bool | None = None
     output_gb: float | None = None
+    input_bytes: int = 0            # bytes of the K + 1 input checkpoints
+    read_bytes: int | None = None   # bytes the process tree read from disk (/proc/self/io delta)
+    read_ratio: float | None = None
+    round: int = 0                  # repeat round (--repeats)
+    resume: dict | None = None      # --resume-test: the kill / resume measurement
+    timings: dict | None = None     # tadrop's run.json timings
+    digest: str | None = None       # hash of the run's output files (resume == uninterrupted)
     log: str = ""
     notes: list[str] = field(default_factory=list)
 
@@ -116,6 +137,15 @@ def _tree(root: int) -> list[int]:
             seen.add(p)
             stack.extend(kids.get(p, []))
     return sorted(seen)
+
+
+def _self_read_bytes() -> int:
+    """read_bytes of this process, including its reaped children (kernel I/O accounting)."""
+    with open("/proc/self/io") as f:
+        for line in f:
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    return 0
 
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -186,6 +216,7 @@ def run_measured(cmd: list[str], log: Path, env=None, interval=0.05, pss_interva
     samples = pss_samples = 0
     cpu0 = time.process_time()
     busy0 = _busy_cpu_s()
+    io0 = _self_read_bytes()
     cpu: dict[int, float] = {}  # last CPU seconds seen per process of the tree
     with open(log, "w") as lf:
         lf.write("$ " + shlex.join(cmd) + "\n")
@@ -220,7 +251,8 @@ def run_measured(cmd: list[str], log: Path, env=None, interval=0.05, pss_interva
     others = max(0.0, _busy_cpu_s() - busy0 - tree_cpu - sampler)
     return {"rc": p.returncode, "wall_s": wall, "samples": samples, "pss_samples": pss_samples,
             "sampler_cpu_s": sampler, "tree_cpu_s": tree_cpu,
-            "others_cpu_share": others / (wall * (os.cpu_count() or 1)), **peak}
+            "others_cpu_share": others / (wall * (os.cpu_count() or 1)),
+            "read_bytes": _self_read_bytes() - io0, **peak}
 
 
 # ---------------------------------------------------------------- page cache
@@ -303,9 +335,12 @@ def mergekit_config(case: Case, man: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def mergekit_venv(data: Path) -> Path:
-    """bench_data/mergekit-venv with mergekit 0.1.5 on top of the system torch (never a CUDA one)."""
-    venv = data / "mergekit-venv"
+def mergekit_venv(data: Path, venv: Path | None = None) -> Path:
+    """mergekit-yaml of `venv` (--mergekit-venv), else /work/venvs/mergekit when it exists, else
+    bench_data/mergekit-venv created with mergekit 0.1.5 on top of the system torch (never a CUDA one)."""
+    if venv is None:
+        shared = Path(os.environ.get("MERGEKIT_VENV", "/work/venvs/mergekit"))
+        venv = shared if (shared / "bin" / "mergekit-yaml").exists() else data / "mergekit-venv"
     exe = venv / "bin" / "mergekit-yaml"
     if exe.exists():
         return exe
@@ -338,7 +373,22 @@ def dir_gb(p: Path) -> float:
 
 # ---------------------------------------------------------------- cases
 
-def run_case(case: Case, man: dict, args, data: Path) -> Result:
+def outputs_digest(run_dir: Path) -> str:
+    """One hash over every output file's path and bytes (run.json and the state dir excluded)."""
+    import hashlib
+    h = hashlib.blake2b(digest_size=16)
+    for f in sorted(p for p in run_dir.rglob("*") if p.is_file()):
+        rel = f.relative_to(run_dir)
+        if rel.parts[0] in ("run.json", ".tadrop"):
+            continue
+        h.update(str(rel).encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(16 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def run_case(case: Case, man: dict, args, data: Path, rnd: int = 0) -> Result:
     runs, logs, cfgs = data / "runs", data / "logs", data / "configs"
     for d in (runs, logs, cfgs):
         d.mkdir(parents=True, exist_ok=True)
@@ -353,7 +403,7 @@ def run_case(case: Case, man: dict, args, data: Path) -> Result:
             cmd += ["--executor", "ray"]
     else:
         cfg.write_text(mergekit_config(case, man))
-        cmd = [str(mergekit_venv(data)), str(cfg), str(run_dir), "--lazy-unpickle",
+        cmd = [str(mergekit_venv(data, args.mergekit_venv)), str(cfg), str(run_dir), "--lazy-unpickle",
                "--no-copy-tokenizer", "--no-write-model-card", "--quiet"]
         notes.append("mergekit defaults otherwise: CPU, synchronous writes, torch threads = cores")
     inputs = [Path(man["base"])] + [Path(man["tasks"][n]) for n in man["params"]["names"][: case.k]]
@@ -372,7 +422,13 @@ def run_case(case: Case, man: dict, args, data: Path) -> Result:
                peak_procs=m["procs"], samples=m["samples"], pss_samples=m["pss_samples"],
                cache=cache, busy_before=busy, others_cpu_share=round(m["others_cpu_share"], 3),
                tree_cpu_s=round(m["tree_cpu_s"], 1), sampler_cpu_s=round(m["sampler_cpu_s"], 2),
-               output_gb=round(dir_gb(run_dir), 3), log=_rel(log), notes=notes)
+               output_gb=round(dir_gb(run_dir), 3), log=_rel(log), notes=notes,
+               input_bytes=sum(f.stat().st_size for d in inputs for f in d.glob("*.safetensors")),
+               read_bytes=m["read_bytes"], round=rnd)
+    r.read_ratio = round(r.read_bytes / r.input_bytes, 4) if r.input_bytes else None
+    if case.tool == "tadrop" and r.rc == 0:
+        r.timings = json.loads((run_dir / "run.json").read_text()).get("timings")
+        r.digest = outputs_digest(run_dir)
     if case.tool == "tadrop":
         r.target_rss_gib = args.workers * parse_gib(args.memory_budget) + 0.5
         r.target_wall_s = TARGET_WALL.get(case.name.removesuffix("-ray"))
@@ -381,8 +437,75 @@ def run_case(case: Case, man: dict, args, data: Path) -> Result:
             r.meets_wall = r.rc == 0 and r.wall_s <= r.target_wall_s
     status = "ok" if r.rc == 0 else f"FAILED rc={r.rc} (see {r.log})"
     print(f"[{case.name}] {status}: {r.wall_s:.1f} s, peak RSS {r.peak_rss_gib:.2f} GiB "
-          f"(anon {r.peak_anon_gib:.2f}, PSS {r.peak_pss_gib:.2f}), others used "
-          f"{r.others_cpu_share:.0%} of the cores meanwhile", flush=True)
+          f"(anon {r.peak_anon_gib:.2f}, PSS {r.peak_pss_gib:.2f}), read {r.read_ratio} x input, "
+          f"others used {r.others_cpu_share:.0%} of the cores meanwhile", flush=True)
+    if not args.keep_outputs:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return r
+
+
+def resume_test(case: Case, man: dict, args, data: Path, full: Result) -> Result:
+    """SIGKILL a run (its whole session) once half the merge bytes are recorded, then re-run
+    the same command: the resume must redo at most the jobs that were in flight and give the
+    same output bytes as the uninterrupted run `full`."""
+    import signal
+    runs, logs, cfgs = data / "runs", data / "logs", data / "configs"
+    run_dir, cfg = runs / case.name, cfgs / f"{case.name}.yaml"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cfg.write_text(tadrop_config(case, man, run_dir))
+    cmd = tadrop_cmd(args) + ["merge", str(cfg), "--workers", str(args.workers),
+                              "--memory-budget", args.memory_budget, "--quiet"]
+    state = run_dir / ".tadrop"
+    inputs = [Path(man["base"])] + [Path(man["tasks"][n]) for n in man["params"]["names"][: case.k]]
+    cache = cache_state(args.cache, inputs)
+    print(f"[{case.name} resume] {cache}; running until half the merge bytes are recorded ...", flush=True)
+    log = logs / f"{case.name}-killed.log"
+    t0 = time.perf_counter()
+    with open(log, "w") as lf:
+        p = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        jobs, done_b, total_b = [], 0, 1
+        while p.poll() is None:
+            time.sleep(0.2)
+            try:
+                jobs = [j for j in json.loads((state / "plan.json").read_text())["jobs"]
+                        if j["id"].startswith("merge:")]
+                lines = (state / "ledger.jsonl").read_bytes().split(b"\n")
+            except (OSError, ValueError, KeyError):
+                continue
+            done = {json.loads(x)["job"] for x in lines[:-1] if x}
+            total_b = sum(j["bytes"] for j in jobs) or 1
+            done_b = sum(j["bytes"] for j in jobs if j["id"] in done)
+            if done_b >= total_b / 2:
+                os.killpg(p.pid, signal.SIGKILL)
+                break
+        p.wait()
+    killed_wall = time.perf_counter() - t0
+    lines = (state / "ledger.jsonl").read_bytes().split(b"\n")
+    done = set()
+    for x in lines:
+        try:
+            done.add(json.loads(x)["job"])
+        except ValueError:
+            pass                                   # a line torn by the kill
+    undone = [j for j in jobs if j["id"] not in done]
+    window = 2 * args.workers                      # LocalExecutor's jobs in flight
+    in_flight_b = sum(j["bytes"] for j in undone[:window])
+    r = run_case(case, man, argparse.Namespace(**{**vars(args), "keep_outputs": True, "wait_idle": 0}),
+                 data, full.round)
+    r.case = case.name + "-resume"
+    fixed_s = full.wall_s - (full.timings or {}).get("map_s", 0.0) - (full.timings or {}).get("reduce_s", 0.0)
+    allowance = fixed_s + full.wall_s * in_flight_b / total_b
+    extra = killed_wall + r.wall_s - full.wall_s
+    r.resume = {"killed_after_s": round(killed_wall, 1), "merge_jobs": len(jobs),
+                "jobs_recorded_at_kill": sum(1 for j in jobs if j["id"] in done),
+                "bytes_recorded_at_kill": round((total_b - sum(j["bytes"] for j in undone)) / total_b, 3),
+                "jobs_in_flight_max": window, "in_flight_bytes_share": round(in_flight_b / total_b, 4),
+                "resume_wall_s": r.wall_s, "uninterrupted_wall_s": full.wall_s,
+                "extra_s": round(extra, 1), "allowance_s": round(allowance, 1),
+                "meets": r.rc == 0 and extra <= allowance,
+                "same_bytes_as_uninterrupted": r.digest is not None and r.digest == full.digest}
+    print(f"[{case.name} resume] {r.resume}", flush=True)
     if not args.keep_outputs:
         shutil.rmtree(run_dir, ignore_errors=True)
     return r
@@ -410,52 +533,100 @@ def _ratio(a: Result, b: Result | None) -> str:
             f"{a.peak_rss_gib / b.peak_rss_gib:.2f}x RSS")
 
 
-def write_report(results: list[Result], meta: dict, out: Path) -> None:
+def _median_wall(results: list[Result], name: str) -> float | None:
+    walls = [r.wall_s for r in results if r.case == name and r.rc == 0]
+    return statistics.median(walls) if walls else None
+
+
+def verdicts(results: list[Result], meta: dict) -> list[str]:
+    """The issue's targets as ratios within this run (medians over --repeats rounds)."""
+    med = {r.case: _median_wall(results, r.case) for r in results}
+    out = []
+
+    def line(what, value, target, ok):
+        mark = "n/a (case not run)" if ok is None else ("**met**" if ok else "**MISSED**")
+        out.append(f"| {what} | {value} | {target} | {mark} |")
+
+    mk, ties, emr4 = med.get("mergekit-ties-k4"), med.get("tadrop-ties-k4"), med.get("tadrop-emr_tadrop-k4")
+    sp = mk / ties if mk and ties else None
+    line("mergekit TIES K=4 wall / tadrop TIES K=4 wall", f"{sp:.1f}x" if sp else "-",
+         f">= {TARGET_VS_MERGEKIT:g}x", None if sp is None else sp >= TARGET_VS_MERGEKIT)
+    er = emr4 / ties if emr4 and ties else None
+    line("EMR + TADrop K=4 wall / TIES K=4 wall", f"{er:.2f}" if er else "-", f"<= {TARGET_EMR_VS_TIES:g}",
+         None if er is None else er <= TARGET_EMR_VS_TIES)
+    k16, k32 = med.get("tadrop-emr_tadrop-k16"), med.get("tadrop-emr_tadrop-k32")
+    kr = k32 / k16 if k16 and k32 else None
+    line("EMR + TADrop K=32 wall / K=16 wall", f"{kr:.2f}" if kr else "-", f"<= {TARGET_K32_VS_K16:g}",
+         None if kr is None else kr <= TARGET_K32_VS_K16)
+    for r in results:
+        if r.tool == "tadrop" and r.read_ratio is not None and r.cache.startswith("cold") and r.round == 0 \
+                and not r.case.endswith("-resume"):
+            line(f"{r.case}: bytes read from disk / input bytes (cold cache, tensor scope)",
+                 f"{r.read_ratio:.3f}", f"<= {TARGET_READ_RATIO:g}", r.read_ratio <= TARGET_READ_RATIO)
+    for r in results:
+        if r.tool == "tadrop" and r.target_rss_gib is not None and r.round == 0 and r.k >= 16:
+            line(f"{r.case}: peak RSS GiB", f"{r.peak_rss_gib:.2f}", f"<= {r.target_rss_gib:g}", r.meets_rss)
+        if r.resume:
+            x = r.resume
+            line(f"{r.case}: kill + resume - uninterrupted wall (s)", f"{x['extra_s']}",
+                 f"<= {x['allowance_s']} (start-up + the {x['jobs_in_flight_max']} jobs in flight)", x["meets"])
+            line(f"{r.case}: resumed output bytes == uninterrupted", str(x["same_bytes_as_uninterrupted"]),
+                 "True", x["same_bytes_as_uninterrupted"])
+    return ["| target | measured | wanted | verdict |", "| --- | ---: | --- | --- |", *out]
+
+
+def write_report(results: list[Result], meta: dict, out: Path, stem: str = "merge") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "merge.json").write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results]},
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results]},
                                                indent=2) + "\n")
     mk = {(r.method, r.k): r for r in results if r.tool == "mergekit"}
     label = {"ties": "TIES (top-k 0.2)", "emr_tadrop": "EMR + TADrop", "task_arithmetic": "Task arithmetic"}
-    rows = ["| case | K | method | executor | wall s | peak RSS GiB | peak anon GiB | peak PSS GiB "
-            "| target wall s / RSS GiB | meets wall / RSS | CPU s | others' CPU | vs mergekit |",
-            "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: | --- |"]
-
-    def yn(v):
-        return "" if v is None else ("yes" if v else "**no**")
-
+    rows = ["| case | round | K | method | executor | wall s | peak RSS GiB | peak anon GiB | peak PSS GiB "
+            "| read / input | CPU s | others' CPU | vs mergekit (same round) |",
+            "| --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in results:
-        target = "" if r.target_rss_gib is None else (
-            f"{r.target_wall_s:g}" if r.target_wall_s else "-") + f" / {r.target_rss_gib:g}"
-        meets = "" if r.meets_rss is None else f"{yn(r.meets_wall) or '-'} / {yn(r.meets_rss)}"
         wall = f"{r.wall_s:.1f}" if r.rc == 0 else f"failed (rc {r.rc})"
-        vs = _ratio(r, mk.get((r.method, r.k))) if r.tool == "tadrop" else ""
-        rows.append(f"| {r.case} | {r.k} | {label[r.method]} | {r.executor} | {wall} | "
-                    f"{r.peak_rss_gib:.2f} | {r.peak_anon_gib:.2f} | {r.peak_pss_gib:.2f} | "
-                    f"{target} | {meets} | {r.tree_cpu_s:.0f} | {r.others_cpu_share:.0%} | {vs} |")
+        mkr = next((m for m in results if m.tool == "mergekit" and m.method == r.method and m.k == r.k
+                    and m.round == r.round), mk.get((r.method, r.k)))
+        vs = _ratio(r, mkr) if r.tool == "tadrop" else ""
+        rd = f"{r.read_ratio:.3f}" if r.read_ratio is not None else "-"
+        rows.append(f"| {r.case} | {r.round} | {r.k} | {label[r.method]} | {r.executor} | {wall} | "
+                    f"{r.peak_rss_gib:.2f} | {r.peak_anon_gib:.2f} | {r.peak_pss_gib:.2f} | {rd} | "
+                    f"{r.tree_cpu_s:.0f} | {r.others_cpu_share:.0%} | {vs} |")
     caches = sorted({r.cache for r in results})
     md = [
         "# Merge benchmark",
         "",
-        f"{meta['date']} on {meta['machine']}; checkpoints: LLaMA-shaped, hidden 2048, 8 layers, "
-        f"intermediate 5632, vocab 32000, bf16, {meta['model_gb']:.2f} GB each "
+        f"{meta['date']} on **{meta.get('cpu_model', '?')}**, {meta['machine']}; checkpoints: LLaMA-shaped, "
+        f"hidden 2048, 8 layers, intermediate 5632, vocab 32000, bf16, {meta['model_gb']:.2f} GB each "
         "(scripts/make_demo_models.py). tadrop runs with "
         f"`--workers {meta['workers']} --memory-budget {meta['memory_budget']}`; the benchmark "
-        f"and everything it ran had niceness {meta['nice']} (a shared 2-core machine).",
+        f"and everything it ran had niceness {meta['nice']} (a shared 2-core machine). "
+        f"{meta.get('repeats', 1)} round(s), cases interleaved; verdicts use the median wall per case.",
+        "",
+        "## Verdicts (ratios within this run)",
+        "",
+        *verdicts(results, meta),
+        "",
+        "## Cases",
         "",
         *rows,
         "",
         f"Page cache before each case: {'; '.join(caches)}.",
         "",
+        "read / input: bytes the case's process tree read from disk (/proc/self/io read_bytes of the "
+        "benchmark, which the kernel credits with its reaped children's I/O) over the bytes of the K + 1 "
+        "input checkpoints; with a cold cache that is what came off the disk. A resumed run reads its "
+        "remaining inputs again, so its figure is not a tensor-scope figure.",
+        "",
         "CPU s: CPU time of the measured process tree. Others' CPU: the share of the machine's "
         "cores that everything else (other people's jobs on this shared machine, and kernel "
-        "threads such as page-cache writeback) used during the case; a high figure means the wall time is inflated by contention. Before each "
-        "case the benchmark waits (up to --wait-idle s) for the machine to be under 25% busy.",
+        "threads such as page-cache writeback) used during the case; a high figure means the wall time "
+        "is inflated by contention.",
         "",
         "Memory is the sum over the whole process tree (workers, Ray daemons) from /proc: "
-        "RSS and anon every 50 ms, PSS every 2 s (reading it makes the kernel walk the "
-        "page tables, ~60 ms per 4 GB mapped, so a finer PSS sampling would slow the run it "
-        "measures). RSS counts the mmap'd input pages a process touched (page cache, "
-        "shared and reclaimable), so for mmap readers it overstates what the process owns; "
+        "RSS and anon every 50 ms, PSS every 2 s. RSS counts the mmap'd input pages a process touched "
+        "(page cache, shared and reclaimable), so for mmap readers it overstates what the process owns; "
         "anon is private (heap) memory, what the memory budget bounds; PSS splits shared pages "
         "between the processes mapping them. The target `workers x 2 GiB + 0.5 GiB` is stated "
         "for RSS and judged on RSS here. mergekit computes in float32 (`dtype: float32`, "
@@ -464,7 +635,15 @@ def write_report(results: list[Result], meta: dict, out: Path) -> None:
         f"Command: `{meta['command']}`",
         "",
     ]
-    (out / "merge.md").write_text("\n".join(md))
+    (out / f"{stem}.md").write_text("\n".join(md))
+
+
+def cpu_model() -> str:
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def machine() -> str:
@@ -494,11 +673,18 @@ def main(argv=None) -> int:
                     help="before each case wait up to this many seconds for the machine to be <25%% busy")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep-outputs", action="store_true")
+    ap.add_argument("--mergekit-venv", type=Path, help="venv holding mergekit-yaml (see module docstring)")
+    ap.add_argument("--k32", action="store_true", help="also the K = 32 EMR + TADrop case (~35 GB of inputs)")
+    ap.add_argument("--resume-test", action="store_true",
+                    help="after the largest EMR case, SIGKILL it half-way and measure the resume")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="rounds over all cases, interleaved (case order rotates); the report gives medians")
     ap.add_argument("--report-only", action="store_true", help="rewrite merge.md from merge.json")
+    ap.add_argument("--stem", default="merge", help="result file names: <stem>.json and <stem>.md under --out")
     args = ap.parse_args(argv)
     if args.report_only:
-        saved = json.loads((args.out / "merge.json").read_text())
-        write_report([Result(**r) for r in saved["results"]], saved["meta"], args.out)
+        saved = json.loads((args.out / f"{args.stem}.json").read_text())
+        write_report([Result(**r) for r in saved["results"]], saved["meta"], args.out, args.stem)
         return 0
     args.data = args.data.resolve()
     if args.nice:
@@ -507,6 +693,8 @@ def main(argv=None) -> int:
     cases = []
     if not args.mergekit_only:
         cases += [Case("tadrop", "ties", 4), Case("tadrop", "emr_tadrop", 4), Case("tadrop", "emr_tadrop", 16)]
+        if args.k32:
+            cases.append(Case("tadrop", "emr_tadrop", 32))
         if args.mergekit:  # counterparts of the extra mergekit rows
             cases += [Case("tadrop", "ties", 16), Case("tadrop", "task_arithmetic", 4)]
         if args.ray:
@@ -526,19 +714,29 @@ def main(argv=None) -> int:
                   + h.stderr[-2000:], file=sys.stderr)
             return 2
     if any(c.tool == "mergekit" for c in cases):
-        mergekit_venv(args.data)
+        mergekit_venv(args.data, args.mergekit_venv)
 
     man = ensure_data(args.data, max(c.k for c in cases), args.seed)
-    results = [run_case(c, man, args, args.data) for c in cases]
+    results = []
+    for rnd in range(args.repeats):
+        order = cases[rnd % len(cases):] + cases[:rnd % len(cases)]   # rotate: no case always first
+        results += [run_case(c, man, args, args.data, rnd) for c in order]
+    if args.resume_test:
+        emr = [r for r in results if r.tool == "tadrop" and r.method == "emr_tadrop" and r.rc == 0
+               and r.executor == "local"]
+        if emr:
+            full = max(emr, key=lambda r: (r.k, -r.round))
+            results.append(resume_test(Case("tadrop", "emr_tadrop", full.k), man, args, args.data, full))
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(), "workers": args.workers, "memory_budget": args.memory_budget,
         "nice": os.nice(0), "model_gb": man["total_size"] / 1e9, "sizes": SIZES,
         "command": "python3 scripts/bench_merge.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "rss_target_metric": "RSS (sum over the process tree)",
+        "cpu_model": cpu_model(), "loadavg_end": list(os.getloadavg()), "repeats": args.repeats,
     }
-    write_report(results, meta, args.out)
-    print(f"wrote {args.out / 'merge.json'} and {args.out / 'merge.md'}")
+    write_report(results, meta, args.out, args.stem)
+    print(f"wrote {args.out / (args.stem + '.json')} and {args.out / (args.stem + '.md')}")
     return 0 if all(r.rc == 0 for r in results) else 1
 
 

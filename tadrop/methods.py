@@ -113,7 +113,7 @@ class EMRSums:
 
     def __init__(self, K: int, device):
         self.abs_tau = [Sum64(device, "abs") for _ in range(K)]
-        self.abs_uni = [Sum64(device, "weighted") for _ in range(K)]
+        self.abs_uni = [Sum64(device, "sum") for _ in range(K)]   # fed M_k |tau_uni|, exact in float32
 
     def partials(self, numel: int) -> EMRPartials:
         return EMRPartials(tuple(s.value() for s in self.abs_tau),
@@ -145,12 +145,13 @@ def emr(taus, *, out_uni=None, out_masks=None, sums: EMRSums | None = None) -> E
     tau_uni = _out(out_uni, taus.shape[1:], torch.float32, taus.device)
     torch.mul(abs_uni, flag, out=tau_uni.view(-1))
     acc = sums if sums is not None else EMRSums(K, t2.device)
-    abs_uni64 = scratch("m.absuni64", m, torch.float64, t2.device)
-    abs_uni64.copy_(abs_uni)
     m2 = masks.view(K, m)
+    masked = scratch("m.masked", m, torch.float32, t2.device)
     for k in range(K):
         acc.abs_tau[k].add(t2[k])                       # sum |tau'_k|
-        acc.abs_uni[k].add(m2[k], abs_uni64)            # sum M_k |tau_uni|
+        # sum M_k |tau_uni|: the product by 0/1 is exact in float32, so this equals the float64
+        # product summed before, bit for bit, one float64 pass cheaper
+        acc.abs_uni[k].add(torch.mul(abs_uni, m2[k], out=masked))
     if sums is not None:
         return EMRChunk(tau_uni, masks, None, None)
     p = acc.partials(m)
