@@ -279,6 +279,8 @@ def warm(paths: list[Path]) -> None:
 
 
 def cache_state(mode: str, inputs: list[Path]) -> str:
+    if mode == "none":
+        return "as left by the previous case (neither dropped nor pre-read)"
     if mode in ("auto", "cold") and drop_caches():
         return "cold (page cache dropped)"
     if mode == "cold":
@@ -665,7 +667,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mergekit-only", action="store_true", help="only the mergekit rows")
     ap.add_argument("--ray", action="store_true", help="also run the tadrop cases with --executor ray")
     ap.add_argument("--cases", help="comma-separated case names to keep (e.g. tadrop-ties-k4)")
-    ap.add_argument("--cache", choices=["auto", "cold", "warm"], default="auto",
+    ap.add_argument("--cache", choices=["auto", "cold", "warm", "none"], default="auto",
                     help="auto: drop the page cache if permitted, else pre-read the inputs")
     ap.add_argument("--nice", type=int, default=10, help="raise this process's niceness (and the merges') by N")
     ap.add_argument("--tadrop", help="command for tadrop (default: `tadrop` on PATH, else python -m pipeline.cli)")
@@ -677,6 +679,7 @@ def main(argv=None) -> int:
     ap.add_argument("--k32", action="store_true", help="also the K = 32 EMR + TADrop case (~35 GB of inputs)")
     ap.add_argument("--resume-test", action="store_true",
                     help="after the largest EMR case, SIGKILL it half-way and measure the resume")
+    ap.add_argument("--resume-k", type=int, help="K of the EMR case to kill and resume (default: the largest run)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="rounds over all cases, interleaved (case order rotates); the report gives medians")
     ap.add_argument("--report-only", action="store_true", help="rewrite merge.md from merge.json")
@@ -718,24 +721,32 @@ def main(argv=None) -> int:
 
     man = ensure_data(args.data, max(c.k for c in cases), args.seed)
     results = []
+
+    def report():   # after every case, so a benchmark cut short still leaves its results
+        write_report(results, meta(), args.out, args.stem)
+
+    def meta():
+        return {
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": machine(), "workers": args.workers, "memory_budget": args.memory_budget,
+            "nice": os.nice(0), "model_gb": man["total_size"] / 1e9, "sizes": SIZES,
+            "command": "python3 scripts/bench_merge.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+            "rss_target_metric": "RSS (sum over the process tree)",
+            "cpu_model": cpu_model(), "loadavg_end": list(os.getloadavg()), "repeats": args.repeats,
+        }
     for rnd in range(args.repeats):
         order = cases[rnd % len(cases):] + cases[:rnd % len(cases)]   # rotate: no case always first
-        results += [run_case(c, man, args, args.data, rnd) for c in order]
+        for c in order:
+            results.append(run_case(c, man, args, args.data, rnd))
+            report()
     if args.resume_test:
         emr = [r for r in results if r.tool == "tadrop" and r.method == "emr_tadrop" and r.rc == 0
-               and r.executor == "local"]
+               and r.executor == "local" and (args.resume_k is None or r.k == args.resume_k)]
         if emr:
             full = max(emr, key=lambda r: (r.k, -r.round))
             results.append(resume_test(Case("tadrop", "emr_tadrop", full.k), man, args, args.data, full))
-    meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(), "workers": args.workers, "memory_budget": args.memory_budget,
-        "nice": os.nice(0), "model_gb": man["total_size"] / 1e9, "sizes": SIZES,
-        "command": "python3 scripts/bench_merge.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "rss_target_metric": "RSS (sum over the process tree)",
-        "cpu_model": cpu_model(), "loadavg_end": list(os.getloadavg()), "repeats": args.repeats,
-    }
-    write_report(results, meta, args.out, args.stem)
+            report()
+    report()
     print(f"wrote {args.out / (args.stem + '.json')} and {args.out / (args.stem + '.md')}")
     return 0 if all(r.rc == 0 for r in results) else 1
 
