@@ -65,11 +65,18 @@ def make_family(root: Path, k: int = 3, dtype=torch.float32, seed: int = 0, name
         for j, (n, t) in enumerate(sorted(base.items())):
             scale = 10 ** (-3 + 1.5 * torch.rand((), generator=g).item())
             noise = torch.randn(t.shape, generator=g)
-            heavy = torch.distributions.Laplace(0.0, 1.0).sample(t.shape) if (j + ti) % 2 else noise
+            heavy = laplace(t.shape, g) if (j + ti) % 2 else noise
             sparse = (torch.rand(t.shape, generator=g) < 0.3 + 0.6 * ((j * 7 + ti) % 5) / 5)
             sd[n] = (t + scale * torch.where(sparse, heavy, noise * 0.1)).to(dtype)
         paths[name] = write_hf(root / name, sd, llama_config(**sz))
     return paths
+
+
+def laplace(shape, g: torch.Generator) -> torch.Tensor:
+    """Laplace(0, 1) noise from the family's own generator (inverse CDF), so a family depends on its
+    seed alone, never on what the global RNG drew before."""
+    u = torch.rand(shape, generator=g, dtype=torch.float64) - 0.5
+    return (-torch.sign(u) * torch.log1p(-2 * u.abs()).clamp(min=-40.0)).float()
 
 
 def write_hf(d: Path, sd: dict, config: dict | None = None) -> Path:

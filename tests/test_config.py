@@ -256,3 +256,29 @@ def test_booleans_and_non_finite_numbers_refused(tmp_path):
 
 def test_task_named_base_is_reserved(tmp_path):
     assert "reserved" in error(tmp_path, {**MINIMAL, "models": [{"name": "base", "path": "p"}]})
+
+
+# -- the config reaches the maths ------------------------------------------------------------------------
+SPEC_CASES = [
+    {"method": "task_arithmetic", "lambda": 0.55,
+     "sparsify": {"kind": "tadrop", "a": 0.35, "b": 0.9, "eps": 1e-5, "rescale": "inverse_keep",
+                  "scope": "model"}},
+    {"method": "ties", "lambda": 0.8, "sparsify": {"kind": "topk", "density": 0.45, "scope": "model"}},
+    {"method": "ties"},
+    {"method": "emr", "emr": {"rescaler": "global"}, "sparsify": {"kind": "tadrop", "rescale": "none"}},
+    {"method": "tall_masks", "tall": {"lambdas": {"code": 0.25}, "default_lambda": 0.55, "inner": "ties"}},
+    {"method": "consensus", "consensus": {"k_min": 1, "alpha": 0.65, "inner": "ties"},
+     "tall": {"lambdas": {"math": 0.2}, "default_lambda": 0.35}},
+    {"method": "task_arithmetic", "sparsify": {"kind": "dare", "p": 0.35}, "seed": 17},
+]
+
+
+@pytest.mark.parametrize("extra", SPEC_CASES, ids=lambda e: e["method"] + "-" + e.get("sparsify", {}).get("kind", "-"))
+def test_build_spec_carries_every_value(tmp_path, extra):
+    """pipeline.plan.build_spec gives the spec the YAML asks for (tests/yaml_spec.py reads the YAML
+    independently): weights, lambda, per-task TALL lambdas, consensus and sparsifier parameters."""
+    from pipeline.plan import build_spec
+    from yaml_spec import spec_from_yaml
+    data = {**MINIMAL, "models": [{"name": "math", "path": "m", "weight": 0.7},
+                                  {"name": "code", "path": "c", "weight": 1.9}], **extra}
+    assert build_spec(load_config(write(tmp_path, data))) == spec_from_yaml(data)

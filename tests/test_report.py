@@ -173,7 +173,6 @@ def test_missing_stats_is_a_clear_error(tmp_path: Path):
 @pytest.mark.slow
 def test_report_on_a_real_emr_tadrop_run(family, tmp_path: Path):
     """`tadrop merge` (EMR + TADrop) on tiny real checkpoints, then the report."""
-    pytest.importorskip("tadrop.streamed", reason="the merge maths (tadrop/) has not landed yet")
     from conftest import run_cli, write_config
     run = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", family, run, method="emr",

@@ -134,6 +134,7 @@ def test_engine_matches_reference(method, phi):
         if ref.masks:
             assert torch.equal(sink.masks_t, ref.masks[n])
         want = [r for r in ref.stats if r["tensor"] == n]
+        assert len(res.stats) == len(want) == K, (n, len(res.stats), len(want))
         for got, exp in zip(res.stats, want):
             assert got.keys() == exp.keys()
             for col, v in exp.items():
