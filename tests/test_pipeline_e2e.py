@@ -39,7 +39,8 @@ CASES = {
                         **{"lambda": 0.8}),
     "ties_topk_model": dict(method="ties", sparsify={"kind": "topk", "density": 0.3, "scope": "model"},
                             **{"lambda": 1.3}),
-    "ties_topk_density": dict(method="ties", sparsify={"kind": "topk", "density": 0.45}, weights=True),
+    "ties_topk_density": dict(method="ties", sparsify={"kind": "topk", "density": 0.45}, weights=True,
+                              model_sparsify={1: {"density": 0.7}}),
     "emr": dict(method="emr"),
     "emr_tadrop": dict(method="emr", sparsify=TADROP, weights=True),
     "emr_tadrop_model": dict(method="emr", sparsify={**TADROP, "scope": "model", "a": 0.45, "b": 0.97}),
@@ -64,7 +65,7 @@ CASES = {
 COVERED_KEYS = {
     "method": "task_arithmetic", "sparsify.kind": None, "sparsify.a": 0.5, "sparsify.b": 0.95,
     "sparsify.eps": 1e-12, "sparsify.rescale": "norm", "sparsify.scope": "tensor", "sparsify.density": 0.2,
-    "sparsify.p": None, "models[].weight": 1.0, "lambda": None, "emr.rescaler": "official",
+    "sparsify.p": None, "models[].weight": 1.0, "models[].sparsify": None, "lambda": None, "emr.rescaler": "official",
     "tall.lambdas": {}, "tall.default_lambda": 0.4, "tall.inner": "task_arithmetic",
     "consensus.k_min": 2, "consensus.alpha": 0.3, "consensus.inner": "task_arithmetic",
     "passthrough": [], "output_dtype": None, "unified_dtype": None, "shard_size": "5GB", "seed": 0,
@@ -72,12 +73,15 @@ COVERED_KEYS = {
 
 
 def case_yaml(family: dict, case: str, output: Path) -> dict:
-    """The YAML mapping of a case (what write_config writes), with `weights=True` spelled out."""
+    """The YAML mapping of a case (what write_config writes), with `weights=True` and
+    `model_sparsify={index: {...}}` (models[].sparsify) spelled out."""
     kw = dict(CASES[case])
     names = [n for n in family if n != "base"]
     models = [{"name": n, "path": str(family[n])} for n in names]
     if kw.pop("weights", False):
         models = [{**m, "weight": WEIGHTS[i]} for i, m in enumerate(models)]
+    for i, own in kw.pop("model_sparsify", {}).items():
+        models[i] = {**models[i], "sparsify": own}
     return {"base": str(family["base"]), "models": models, "output": str(output), "workers": 2,
             "memory_budget": "256MiB", **kw}
 
@@ -200,9 +204,9 @@ def test_method_matches_reference(tmp_path, request, case, fixture):
 def _non_default_keys(data: dict) -> set[str]:
     seen = set()
     for key, default in COVERED_KEYS.items():
-        if key == "models[].weight":
-            value = [m.get("weight", 1.0) for m in data["models"]]
-            hit = any(w != default for w in value)
+        if key.startswith("models[]."):
+            field = key.split(".", 1)[1]
+            hit = any(m.get(field, default) != default for m in data["models"])
         else:
             value = data
             for part in key.split("."):

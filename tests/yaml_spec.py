@@ -41,9 +41,17 @@ def spec_from_yaml(data: dict) -> MergeSpec:
     default_tall = tall.get("default_lambda", 0.4)
     cons = data.get("consensus", {})
     lam = data.get("lambda")
+    seed = data.get("seed", 0)
+    phi = sparsifier_from_yaml(method, data.get("sparsify"), seed)
+    own_phis = None
+    if any(m.get("sparsify") for m in data["models"]):   # models[].sparsify: that model's own parameters
+        own = data.get("sparsify") or ({"kind": "topk"} if method == "ties" else {"kind": "none"})
+        own_phis = tuple(sparsifier_from_yaml(method, {**own, **m["sparsify"]}, seed) if m.get("sparsify")
+                         else phi for m in data["models"])
     return MergeSpec(
         method=method,
-        sparsifier=sparsifier_from_yaml(method, data.get("sparsify"), data.get("seed", 0)),
+        sparsifier=phi,
+        task_sparsifiers=own_phis,
         task_names=names,
         weights=tuple(float(m.get("weight", 1.0)) for m in data["models"]),
         lam=float(lam) if lam is not None else DEFAULT_LAMBDA.get(method, 0.3),
