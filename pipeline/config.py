@@ -107,7 +107,7 @@ class SparsifyTADrop(_Strict):
     b: Float = Field(0.95, ge=0.0, le=1.0)
     eps: Float = Field(1e-12, ge=0.0)
     rescale: Literal["norm", "none", "inverse_keep"] = "norm"
-    scope: Literal["tensor", "model"] = "tensor"
+    scope: Literal["tensor", "model", "global_threshold"] = "tensor"
 
 
 class SparsifyTopK(_Strict):
@@ -129,6 +129,8 @@ SPARSIFY_KINDS = {"none": SparsifyNone, "tadrop": SparsifyTADrop,
 
 class EMRConfig(_Strict):
     rescaler: Literal["official", "global"] = "official"
+    # how a TADrop/top-k sparsifier enters EMR (SPEC 2): Phi before EMR, or its keep mask ANDed into M_k
+    tadrop: Literal["rescaled", "mask"] = "rescaled"
 
 
 class TallConfig(_Strict):
@@ -221,6 +223,9 @@ class MergeConfig(_Strict):
         for i, m in enumerate(self.models):
             if m.sparsify is not None:
                 task_sparsify(sp, m.sparsify, f"models.{i}.sparsify")
+        if self.method == "emr" and self.emr.tadrop == "mask" and sp.kind not in ("tadrop", "topk"):
+            raise ValueError(f"emr.tadrop: 'mask' combines TADrop's (or top-k's) keep mask with EMR's "
+                             f"sign mask and needs sparsify.kind tadrop or topk (got {sp.kind!r})")
         unknown = [k for k in self.tall.lambdas if k not in names]
         if unknown:
             raise ValueError(f"tall.lambdas: unknown task(s) {', '.join(map(repr, unknown))}; "
@@ -269,6 +274,8 @@ class MergeConfig(_Strict):
             d["lambda"] = None
         if self.method != "emr":
             d.pop("emr")
+        elif d["emr"].get("tadrop") == "rescaled":
+            del d["emr"]["tadrop"]      # the default before the key existed: old runs keep their id
         if self.method not in ("tall_masks", "consensus"):
             d.pop("tall")
         else:

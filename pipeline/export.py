@@ -70,10 +70,14 @@ def _write_task_model(run_dir: Path, cfg: MergeConfig, k: int, tmp: Path, shard_
     store = MaskStore.open(run_dir / "masks.zarr")
     attrs = store.attrs
     if cfg.method == "emr":
-        lam = float(attrs["emr_lambdas"][cfg.models[k].name])
-        task_model = lambda base_, vec, mask: methods.emr_task_model(base_, vec, mask, lam)  # noqa: E731
+        lam_k = float(attrs["emr_lambdas"][cfg.models[k].name])
+        scales = attrs.get("emr_tensor_scales", {})   # EMR 'mask' integration; absent = 1.0
+
+        def task_model_of(name):
+            lam = lam_k * float(scales[name][k]) if name in scales else lam_k   # float64 product
+            return lambda base_, vec, mask: methods.emr_task_model(base_, vec, mask, lam)
     else:  # tall_masks: theta_0 + m_k * tau_MTL
-        task_model = methods.tall_task_model
+        task_model_of = lambda name: methods.tall_task_model  # noqa: E731
 
     entries = []
     for name, info in base.tensors.items():
@@ -93,6 +97,7 @@ def _write_task_model(run_dir: Path, cfg: MergeConfig, k: int, tmp: Path, shard_
             row_numel = max(1, int(torch.Size(shape[1:]).numel())) if len(shape) > 1 else 1
             step = max(1, CHUNK_BYTES // (4 * row_numel))
             out_dtype = TORCH_DTYPES[dtype]
+            task_model = task_model_of(name)
             for r0 in range(0, rows, step):
                 r1 = min(rows, r0 + step)
                 theta0 = _rows(base, name, shape, r0, r1).float()

@@ -18,6 +18,7 @@ from .writers import atomic_write_bytes
 
 SELECTED_FILE = "selected.npz"   # the merged pass-1 histograms, read by pass-2 jobs
 VALUES_FILE = "values.npz"       # per task: the model-wide drop rate (TADrop) or threshold (top-k)
+EXTRA_FILE = "extra_ranks.npz"   # global_threshold: per task, ranks a further lo pass must resolve
 
 
 def _save(path: Path, arrays: dict) -> None:
@@ -56,9 +57,19 @@ def save_values(path: Path, values: list[float]) -> None:
     _save(path, {"values": np.asarray(values, dtype=np.float64)})
 
 
-def load_values(path: Path) -> list[float]:
+def load_values(path: Path) -> list:
+    """Per task a float, or a tuple of floats (global_threshold: (d, threshold))."""
     with np.load(path, allow_pickle=False) as z:
-        return [float(v) for v in z["values"]]
+        return [tuple(map(float, v)) if np.ndim(v) else float(v) for v in z["values"]]
+
+
+def save_ranks(path: Path, ranks: list[list[int]]) -> None:
+    _save(path, {f"t{k}": np.asarray(r, dtype=np.int64) for k, r in enumerate(ranks)})
+
+
+def load_ranks(path: Path, k: int) -> list[list[int]]:
+    with np.load(path, allow_pickle=False) as z:
+        return [[int(r) for r in z[f"t{i}"]] for i in range(k)]
 
 
 def job_file(global_dir: Path, phase: str, tensor: str) -> Path:

@@ -18,7 +18,8 @@ from tadrop import streamed
 
 from .checkpoints import Checkpoint
 from .faults import write_fault
-from .globalstats import SELECTED_FILE, VALUES_FILE, job_file, load_selectors, load_values, save_selectors
+from .globalstats import (EXTRA_FILE, SELECTED_FILE, VALUES_FILE, job_file, load_ranks, load_selectors,
+                          load_values, save_selectors)
 from .writers import MaskStore, ShardPlan, ShardWriter
 
 TORCH_DTYPES = {
@@ -37,7 +38,7 @@ class JobError(RuntimeError):
 class Job:
     """One tensor's work in one phase. `id` is stable across runs: it keys the ledger."""
 
-    kind: str          # 'global_hi' | 'global_lo' | 'merge' | 'copy'
+    kind: str          # 'global_hi' | 'global_lo' | 'global_thr' | 'merge' | 'copy'
     tensor: str
     nbytes: int        # input bytes read (for progress and scheduling)
 
@@ -206,6 +207,8 @@ class JobRunner:
                 return self._global_hi(job.tensor)
             if job.kind == "global_lo":
                 return self._global_lo(job.tensor)
+            if job.kind == "global_thr":
+                return self._global_thr(job.tensor)
             raise JobError(f"unknown job kind {job.kind!r}")
         except JobError:
             raise
@@ -245,6 +248,13 @@ class JobRunner:
         sels = streamed.global_pass_lo(self.ctx.spec, name, self._source(name), self.ctx.tensor_plans[name],
                                        self._selected(), device=self.ctx.device)
         return self._save_selectors(name, "lo", sels)
+
+    def _global_thr(self, name: str) -> dict:
+        """global_threshold: the lo counts of the threshold ranks the first lo pass missed."""
+        ranks = load_ranks(self.ctx.global_dir / EXTRA_FILE, len(self.ctx.models))
+        sels = streamed.global_pass_extra(self.ctx.spec, name, self._source(name), self.ctx.tensor_plans[name],
+                                          self._selected(), ranks, device=self.ctx.device)
+        return self._save_selectors(name, "thr", sels)
 
     def _save_selectors(self, name: str, phase: str, sels: list[AbsSelector]) -> dict:
         path = job_file(self.ctx.global_dir, phase, name)

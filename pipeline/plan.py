@@ -22,6 +22,7 @@ _DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "
                 "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 _DTYPE_CODES = {v: k for k, v in _DTYPE_NAMES.items()}
 
+PHASES = ("global_hi", "global_lo", "global_thr", "merge")
 MERGED_METHODS = {"task_arithmetic", "ties", "consensus"}
 UNIFIED_METHODS = {"emr", "tall_masks"}
 MASK_METHODS = {"emr", "tall_masks", "consensus"}
@@ -61,6 +62,7 @@ def build_spec(cfg: MergeConfig) -> MergeSpec:
         weights=tuple(float(m.weight) for m in cfg.models),
         lam=float(cfg.lam),
         emr_rescaler=cfg.emr.rescaler,
+        emr_tadrop=cfg.emr.tadrop,
         tall_lambdas=tuple(float(cfg.tall.lambdas.get(n, cfg.tall.default_lambda)) for n in names),
         tall_inner=cfg.tall.inner,
         consensus_k_min=int(cfg.consensus.k_min),
@@ -101,7 +103,7 @@ class Plan:
 
     @property
     def all_jobs(self) -> list[Job]:
-        return [j for phase in ("global_hi", "global_lo", "merge") for j in self.jobs.get(phase, [])]
+        return [j for phase in PHASES for j in self.jobs.get(phase, [])]
 
     def summary(self) -> dict:
         jobs = self.all_jobs
@@ -157,7 +159,7 @@ def make_plan(cfg: MergeConfig, base: Checkpoint, models: list[Checkpoint], tabl
         entries = [(n, _DTYPE_CODES[unified_dtypes[n]], tuple(base.tensors[n].shape)) for n in sorted(table.merge)]
         unified_plan = plan_shards(entries, int(cfg.shard_size))
 
-    model_scope = getattr(spec.sparsifier, "scope", "tensor") == "model" and spec.sparsifier.needs_fit
+    model_scope = getattr(spec.sparsifier, "scope", "tensor") != "tensor" and spec.sparsifier.needs_fit
     plan = Plan(
         spec=spec, merge=list(table.merge), copy=copy, tensor_plans=tensor_plans,
         merged_plan=merged_plan, unified_plan=unified_plan, merged_dtypes=merged_dtypes,
@@ -177,6 +179,8 @@ def make_plan(cfg: MergeConfig, base: Checkpoint, models: list[Checkpoint], tabl
         hi = [Job("global_hi", n, input_bytes(n)) for n in table.merge]
         plan.jobs["global_hi"] = sorted(hi, key=lambda j: (-j.nbytes, j.tensor))
         plan.jobs["global_lo"] = [Job("global_lo", j.tensor, j.nbytes) for j in plan.jobs["global_hi"]]
+        if spec.sparsifier.scope == "global_threshold":   # only run when the lo pass missed a threshold
+            plan.jobs["global_thr"] = [Job("global_thr", j.tensor, j.nbytes) for j in plan.jobs["global_hi"]]
     return plan
 
 

@@ -42,6 +42,10 @@ def task_scalars(plan: Plan, cfg: MergeConfig, results: dict) -> tuple[dict, lis
         lambdas, warnings = methods.emr_rescalers(parts, spec.emr_rescaler, task_names=spec.task_names)
         scalars["emr_lambdas"] = dict(zip(spec.task_names, map(float, lambdas)))
         scalars["emr_rescaler"] = spec.emr_rescaler
+        if spec.emr_mask_mode:   # Phi's per-tensor rescale factor per task; export/bank: lambda_k * factor
+            scalars["emr_tadrop"] = spec.emr_tadrop
+            scalars["emr_tensor_scales"] = {n: [float(x) for x in results[f"merge:{n}"]["emr_scales"]]
+                                            for n in sorted(plan.merge)}
     if spec.method in ("tall_masks", "consensus"):
         scalars["tall_lambdas"] = dict(zip(spec.task_names, map(float, spec.tall_lambdas)))
         scalars["tall_inner"] = spec.tall_inner if spec.method == "tall_masks" else spec.consensus_inner

@@ -23,7 +23,8 @@ from .checkpoints import Checkpoint, validate_inputs
 from .config import MergeConfig
 from .executor import Executor, LocalExecutor
 from .faults import crash_point
-from .globalstats import SELECTED_FILE, VALUES_FILE, merge_selector_files, save_selectors, save_values
+from .globalstats import (EXTRA_FILE, SELECTED_FILE, VALUES_FILE, merge_selector_files, save_ranks,
+                          save_selectors, save_values)
 from .job import Job, RunContext
 from .ledger import Ledger
 from .plan import Plan, describe, make_plan, mask_chunk_rows
@@ -259,6 +260,21 @@ def _model_scope_phases(plan: Plan, ctx: RunContext, executor: Executor, ledger:
     lo = merge_selector_files([ctx.state_dir / done[j.id]["file"] for j in plan.jobs["global_lo"]], k)
     for s, part in zip(sels, lo):
         s.merge_lo(part)
+    if plan.jobs.get("global_thr"):     # global_threshold: a third pass only where the bracket missed
+        thr_jobs = plan.jobs["global_thr"]
+        extra = streamed.global_extra_ranks(plan.spec, sels)
+        if any(extra):
+            save_ranks(gdir / EXTRA_FILE, extra)
+            _run_phase(executor, ctx, thr_jobs, ledger, done, progress)
+            more = merge_selector_files([ctx.state_dir / done[j.id]["file"] for j in thr_jobs], k)
+            for s, part in zip(sels, more):
+                s.merge_lo(part)
+        else:
+            for j in thr_jobs:
+                if j.id not in done:
+                    ledger.record(j.id, {"skipped": True})
+                    done[j.id] = {"skipped": True}
+                    progress.advance(j)
     values = streamed.global_values(plan.spec, sels)
     save_values(gdir / VALUES_FILE, values)
 

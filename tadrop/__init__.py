@@ -9,8 +9,8 @@ from .methods import (EMRChunk, EMRPartials, consensus, consensus_mask, emr, emr
 from .quantile import AbsSelector, NonFiniteError, abs_quantiles, kth_smallest_abs
 from .sparsify import DARE, ChunkKey, Identity, Sparsifier, SparsifyStats, TADrop, TopK
 from .spec import MemorySink, MemorySource, MergeSpec, TensorSink, TensorSource
-from .streamed import (TensorPlan, TensorResult, global_pass_hi, global_pass_lo, global_select, global_values,
-                       merge_tensor, plan_tensor)
+from .streamed import (TensorPlan, TensorResult, global_extra_ranks, global_pass_extra, global_pass_hi,
+                       global_pass_lo, global_select, global_values, merge_tensor, plan_tensor)
 from .reference import MergeResult, merge_state_dicts, task_model
 
 __all__ = [
@@ -21,6 +21,6 @@ __all__ = [
     "consensus_mask",
     "MergeSpec", "TensorSource", "TensorSink", "TensorPlan", "TensorResult", "MemorySource",
     "MemorySink", "plan_tensor", "merge_tensor", "global_pass_hi", "global_pass_lo", "global_select",
-    "global_values",
+    "global_values", "global_extra_ranks", "global_pass_extra",
     "MergeResult", "merge_state_dicts", "task_model", "release_scratch", "begin_scratch_generation",
 ]

@@ -120,11 +120,16 @@ class EMRSums:
                            tuple(s.value() for s in self.abs_uni), numel)
 
 
-def emr(taus, *, out_uni=None, out_masks=None, sums: EMRSums | None = None) -> EMRChunk:
+def emr(taus, *, out_uni=None, out_masks=None, sums: EMRSums | None = None,
+        keep: torch.Tensor | None = None) -> EMRChunk:
     """EMR-Merging elect/mask/unify (official harveyhuang18/EMR_Merging `emr_merge`):
     flag = +1 where sum_k tau'_k > 0 else -1; M_k = tau'_k * flag > 0 (strict);
     tau_uni = flag * max_k |M_k tau'_k|.  The rescaler sums go into `sums` when
-    given (streaming), else they are returned for this chunk."""
+    given (streaming), else they are returned for this chunk.
+
+    keep (bool [K, *chunk], EMR + TADrop 'mask' integration, SPEC 2): taus are the
+    raw weighted tau_k, and M_k = (tau_k * flag > 0) AND keep_k enters tau_uni and
+    the rescaler sums; flag still comes from the raw sum."""
     K = taus.shape[0]
     t2 = _flat_tasks(taus)
     m = t2.shape[1]
@@ -132,6 +137,9 @@ def emr(taus, *, out_uni=None, out_masks=None, sums: EMRSums | None = None) -> E
     prod = torch.mul(t2, flag, out=scratch("m.prod", K * m, torch.float32, t2.device).view(K, m))
     masks = _out(out_masks, taus.shape, torch.bool, taus.device)
     torch.gt(prod, 0, out=masks.view(K, m))                # prod = |tau'_k| where M_k, < 0 elsewhere
+    if keep is not None:
+        masks.view(K, m).logical_and_(keep.reshape(K, m))
+        prod.mul_(masks.view(K, m))                        # |tau_k| where M_k, <= 0 elsewhere
     abs_uni = scratch("m.absuni", m, torch.float32, t2.device)
     if K:
         abs_uni.copy_(prod[0])

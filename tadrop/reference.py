@@ -58,21 +58,34 @@ def _keep_at_least(tau: torch.Tensor, t: float) -> torch.Tensor:
 
 
 def _tadrop(tau, phi: TADrop, d_global):
+    """(Phi(tau), stats row, keep mask, rescale factor)."""
     n = tau.numel()
     a = tau.abs().reshape(-1)
-    if d_global is None:
-        d, qa, qb = _tadrop_rate(a, phi) if n else (0.0, None, None)
+    if phi.scope == "global_threshold":         # (model-wide d, model-wide threshold t)
+        d, t = min(max(float(d_global[0]), 0.0), 1.0), float(d_global[1])
+        qa = qb = None
+        keep = tau.abs() >= t
+        kept = int(keep.sum())
+        tau_hat = torch.where(keep, tau, torch.zeros((), dtype=tau.dtype))
+        rate = (n - kept) / n if n else 0.0     # the tensor's realised fraction dropped
     else:
-        d, qa, qb = min(max(float(d_global), 0.0), 1.0), None, None
-    k = math.floor(d * n)                       # float64: n may exceed 2^24
-    if k <= 0:                                  # drop nothing
-        tau_hat, kept = tau.clone(), n
-    elif k >= n:                                # d = 1: drop everything
-        tau_hat, kept = torch.zeros_like(tau), 0
-    else:                                       # t = (k+1)-th smallest |tau|, ties kept
-        t = float(torch.sort(a).values[k])
-        tau_hat = _keep_at_least(tau, t)
-        kept = int((tau.abs() >= t).sum())
+        if d_global is None:
+            d, qa, qb = _tadrop_rate(a, phi) if n else (0.0, None, None)
+        else:
+            d, qa, qb = min(max(float(d_global), 0.0), 1.0), None, None
+        rate = d
+        k = math.floor(d * n)                       # float64: n may exceed 2^24
+        if k <= 0:                                  # drop nothing
+            tau_hat, kept = tau.clone(), n
+            keep = torch.ones_like(tau, dtype=torch.bool)
+        elif k >= n:                                # d = 1: drop everything
+            tau_hat, kept = torch.zeros_like(tau), 0
+            keep = torch.zeros_like(tau, dtype=torch.bool)
+        else:                                       # t = (k+1)-th smallest |tau|, ties kept
+            t = float(torch.sort(a).values[k])
+            tau_hat = _keep_at_least(tau, t)
+            keep = tau.abs() >= t
+            kept = int(keep.sum())
     norm = math.sqrt(float((tau.double() ** 2).sum()))
     norm_hat = math.sqrt(float((tau_hat.double() ** 2).sum()))
     if phi.rescale == "norm":
@@ -82,25 +95,33 @@ def _tadrop(tau, phi: TADrop, d_global):
     else:
         scale = 1.0
     out = tau_hat * scale if scale != 1.0 else tau_hat
-    return out, dict(q_a=qa, q_b=qb, drop_rate=d, kept=kept, norm_before=norm,
-                     norm_after=scale * norm_hat)
+    return out, dict(q_a=qa, q_b=qb, drop_rate=rate, kept=kept, norm_before=norm,
+                     norm_after=scale * norm_hat), keep, scale
 
 
 def _topk(tau, phi: TopK, t_global):
+    """(Phi(tau), stats row, keep mask, rescale factor 1)."""
     n = tau.numel()
     if n == 0:
-        return tau.clone(), dict(drop_rate=0.0, kept=0)
+        return tau.clone(), dict(drop_rate=0.0, kept=0), torch.ones_like(tau, dtype=torch.bool), 1.0
     if t_global is None:
         keep = max(1, math.floor(phi.density * n))          # the `keep` largest |tau|
         t = float(torch.sort(tau.abs().reshape(-1)).values[n - keep])
     else:
         t = float(t_global)
     out = _keep_at_least(tau, t) if t > 0 else tau.clone()
-    kept = int((tau.abs() >= t).sum())
-    return out, dict(drop_rate=(n - kept) / n, kept=kept)
+    keep = tau.abs() >= t
+    kept = int(keep.sum())
+    return out, dict(drop_rate=(n - kept) / n, kept=kept), keep, 1.0
 
 
 def _phi(spec: MergeSpec, name: str, k: int, tau: torch.Tensor, global_value):
+    """(Phi(tau), stats row)."""
+    return _phi_parts(spec, name, k, tau, global_value)[:2]
+
+
+def _phi_parts(spec: MergeSpec, name: str, k: int, tau: torch.Tensor, global_value):
+    """(Phi(tau), stats row[, keep mask, rescale factor] for TADrop and top-k)."""
     phi = spec.phi(k)
     if isinstance(phi, TADrop):
         return _tadrop(tau, phi, global_value)
@@ -120,7 +141,13 @@ def _model_scope_values(spec: MergeSpec, taus_by_name: dict) -> list[float]:
     for k in range(spec.K):
         phi = spec.phi(k)
         a = torch.cat([taus[k].abs().reshape(-1) for taus in taus_by_name.values()])
-        if isinstance(phi, TADrop):
+        if isinstance(phi, TADrop) and phi.scope == "global_threshold":
+            # one threshold per task over all its merged entries: (k+1)-th smallest, k = floor(d N)
+            d, N = _tadrop_rate(a, phi)[0], a.numel()
+            k_drop = math.floor(d * N)
+            t = 0.0 if k_drop <= 0 else math.inf if k_drop >= N else float(torch.sort(a).values[k_drop])
+            values.append((d, t))
+        elif isinstance(phi, TADrop):
             values.append(_tadrop_rate(a, phi)[0])
         else:
             N = a.numel()
@@ -155,9 +182,12 @@ def _tall_masks(taus, tau_mtl, lambdas):
                         for k in range(taus.shape[0])])
 
 
-def _emr(taus):
+def _emr(taus, keep=None):
+    """keep: EMR + TADrop 'mask' (SPEC 2): taus raw, M_k = (tau_k flag > 0) AND keep_k."""
     flag = torch.where(_sum64(taus) > 0, 1.0, -1.0).float()    # zero sum -> -1 (official)
     masks = taus * flag > 0
+    if keep is not None:
+        masks = masks & keep
     tau_uni = flag * (taus * masks).abs().amax(0)
     return tau_uni, masks
 
@@ -206,21 +236,26 @@ def merge_state_dicts(spec: MergeSpec, base_sd: StateDict, task_sds: Sequence[St
 
     phi = spec.sparsifier
     global_vals = [None] * K
-    if phi.needs_fit and phi.scope == "model" and taus_by_name:
+    if phi.needs_fit and phi.scope != "tensor" and taus_by_name:
         global_vals = _model_scope_values(spec, taus_by_name)
 
     merged = {} if "merged" in spec.outputs else None
     unified = {} if "unified" in spec.outputs else None
-    masks, stats, partials = {}, [], []
+    masks, stats, partials, tensor_scales = {}, [], [], {}
     for name, t0 in base_sd.items():
         if name not in taus_by_name:
             if merged is not None:
                 merged[name] = t0.clone()
             continue
         base = t0.float()
-        taus, rows = taus_by_name[name], []
+        taus, rows, keeps, scales = taus_by_name[name], [], [], []
         for k in range(K):
-            taus[k], row = _phi(spec, name, k, taus[k], global_vals[k])
+            if spec.emr_mask_mode:      # SPEC 2, EMR + TADrop 'mask': tau_k stays raw
+                _, row, keep, scale = _phi_parts(spec, name, k, taus[k], global_vals[k])
+                keeps.append(keep)
+                scales.append(float(scale))
+            else:
+                taus[k], row = _phi(spec, name, k, taus[k], global_vals[k])
             taus[k] *= spec.weights[k]
             rows.append(row)
         n = base.numel()
@@ -230,7 +265,9 @@ def merge_state_dicts(spec: MergeSpec, base_sd: StateDict, task_sds: Sequence[St
         elif spec.method == "ties":
             merged[name] = cast((base.double() + spec.lam * _ties_vector64(taus)).float(), t0)
         elif spec.method == "emr":
-            tau_uni, m = _emr(taus)
+            tau_uni, m = _emr(taus, torch.stack(keeps) if spec.emr_mask_mode else None)
+            if spec.emr_mask_mode:
+                tensor_scales[name] = scales
             unified[name] = cast(tau_uni, t0)
             partials.append(EMRPartials(
                 tuple(float(taus[k].double().abs().sum()) for k in range(K)),
@@ -257,6 +294,8 @@ def merge_state_dicts(spec: MergeSpec, base_sd: StateDict, task_sds: Sequence[St
     if spec.method == "emr":
         lambdas, warnings = emr_rescalers(partials, spec.emr_rescaler, spec.task_names)
         scalars["emr_lambdas"] = lambdas
+        if spec.emr_mask_mode:
+            scalars["emr_tensor_scales"] = tensor_scales
     elif spec.method in ("tall_masks", "consensus"):
         scalars["tall_lambdas"] = list(spec.tall_lambdas)
     return MergeResult(spec, merged, unified, masks, scalars, stats, warnings, list(taus_by_name))
@@ -276,7 +315,9 @@ def task_model(result: MergeResult, base_sd: StateDict, k: int) -> dict[str, tor
             continue
         base, uni, m = t0.float(), result.unified[name].float(), result.masks[name][k]
         if spec.method == "emr":
-            lam = result.scalars["emr_lambdas"][k]
+            # EMR 'mask': Phi's per-tensor rescale factor multiplies lambda_k (float64 product)
+            scale = result.scalars.get("emr_tensor_scales", {}).get(name, [1.0] * spec.K)[k]
+            lam = float(result.scalars["emr_lambdas"][k]) * float(scale)
             out[name] = torch.where(m, base + uni * lam, base).to(t0.dtype)
         else:
             out[name] = torch.where(m, base + uni, base).to(t0.dtype)

@@ -7,7 +7,10 @@ Each sparsifier is a frozen dataclass with three entry points:
   - `apply(tau, stats, key)`: elementwise, in place on a float32 chunk whose
     first element has flat index `key.offset`.
 `global_value` (scope 'model') replaces the per-tensor statistic by the task's
-model-wide one: TADrop's drop rate d, TopK's magnitude threshold.
+model-wide one: TADrop's drop rate d, TopK's magnitude threshold; TADrop's
+scope 'global_threshold' gets the pair (model-wide d, model-wide threshold).
+`keep_entries` and `rescale_factor` split Phi into its two parts (which entries
+survive, and the factor they are multiplied by) for EMR's `mask` integration.
 """
 from __future__ import annotations
 
@@ -90,9 +93,26 @@ class Sparsifier:
         self.apply(tau, stats, key)
         return stats
 
+    def keep_entries(self, tau: torch.Tensor, stats: SparsifyStats, out: torch.Tensor) -> torch.Tensor:
+        """bool, shaped like `out` (numel of tau): the entries Phi keeps (before any rescale)."""
+        raise ValueError(f"{type(self).__name__} has no keep mask")
+
+    def rescale_factor(self, stats: SparsifyStats) -> float:
+        """The factor Phi multiplies the kept entries by (1 where it does not rescale)."""
+        raise ValueError(f"{type(self).__name__} has no keep mask")
+
     # model scope: which ranks of the task's model-wide |tau| are needed, and the value
     def model_ranks(self, n: int) -> list[int]:
         raise ValueError(f"{type(self).__name__} has no model scope")
+
+    def model_lo_ranks(self, sel: AbsSelector) -> list[int]:
+        """Ranks whose buckets the first model-wide lo pass resolves (`sel`: merged hi counts)."""
+        return self.model_ranks(sel.n)
+
+    def model_extra_ranks(self, sel: AbsSelector) -> list[int]:
+        """After the first lo pass (values of `model_lo_ranks` resolved): ranks still
+        needed whose buckets are unresolved (a further lo pass); none by default."""
+        return []
 
     def model_value(self, sel: AbsSelector) -> float:
         raise ValueError(f"{type(self).__name__} has no model scope")
@@ -102,11 +122,37 @@ class Sparsifier:
 class Identity(Sparsifier):
     """Phi(tau) = tau."""
 
+    def keep_entries(self, tau, stats, out):
+        return out.fill_(True)
+
+    def rescale_factor(self, stats):
+        return 1.0
+
 
 def _lo_pass(sel: AbsSelector, chunks: Chunks) -> None:
     if sel.needs_lo:
         for c in chunks():
             sel.add_lo(_flat(c))
+
+
+def _count_at_least(c: torch.Tensor, t: float) -> int:
+    """#{|c| >= t} for a float32 threshold t (0 counts everything, inf nothing)."""
+    if t <= 0:
+        return c.numel()
+    a = torch.abs(c, out=scratch("phi.f32", c.numel(), torch.float32, c.device))
+    return int(torch.count_nonzero(a >= t))
+
+
+def _keep_at_least(tau: torch.Tensor, stats: SparsifyStats, out: torch.Tensor) -> torch.Tensor:
+    """out = |tau| >= stats.threshold (all when nothing is dropped, none when all is)."""
+    flat, o = tau.reshape(-1), out.view(-1)
+    if stats.kept == 0:
+        return o.zero_().view(out.shape)
+    if stats.kept == stats.numel or not stats.threshold > 0:
+        return o.fill_(True).view(out.shape)
+    torch.ge(torch.abs(flat, out=scratch("phi.f32", flat.numel(), torch.float32, flat.device)),
+             stats.threshold, out=o)
+    return out
 
 
 def _threshold(sel: AbsSelector, chunks: Chunks, rank: int) -> tuple[float, int]:
@@ -127,6 +173,12 @@ class TADrop(Sparsifier):
     floor(d n) are float64 (float32 cannot even represent n > 2^24), computed
     from the float32 quantiles; norms are float64 sums.  The rescale multiplies
     by the float64 factor rounded to float32.  All-zero stays all-zero.
+
+    Scope 'model': `global_value` is the task's model-wide d (each tensor its own
+    threshold).  Scope 'global_threshold': `global_value` is (model-wide d,
+    model-wide threshold t): keep |tau| >= t, 'inverse_keep' divides by 1 - d
+    (the model-wide d), and the stats' drop_rate is the tensor's realised
+    fraction dropped (n - kept) / n.
     """
     a: float = 0.50
     b: float = 0.95
@@ -138,8 +190,8 @@ class TADrop(Sparsifier):
     def __post_init__(self):
         if self.rescale not in ("norm", "none", "inverse_keep"):
             raise ValueError(f"TADrop rescale {self.rescale!r}: expected norm|none|inverse_keep")
-        if self.scope not in ("tensor", "model"):
-            raise ValueError(f"TADrop scope {self.scope!r}: expected tensor|model")
+        if self.scope not in ("tensor", "model", "global_threshold"):
+            raise ValueError(f"TADrop scope {self.scope!r}: expected tensor|model|global_threshold")
         if not (0.0 <= self.a <= 1.0 and 0.0 <= self.b <= 1.0):
             raise ValueError("TADrop quantiles a, b must lie in [0, 1]")
 
@@ -151,13 +203,42 @@ class TADrop(Sparsifier):
         sel.n = n
         return sel.quantile_ranks(self.a) + sel.quantile_ranks(self.b)
 
-    def model_value(self, sel: AbsSelector) -> float:
+    def _model_d(self, sel: AbsSelector) -> float:
         sel.select(self.model_ranks(sel.n))
         return self._d(sel.quantile(self.a), sel.quantile(self.b))
 
+    def model_lo_ranks(self, sel: AbsSelector) -> list[int]:
+        ranks = self.model_ranks(sel.n)
+        if self.scope == "global_threshold" and sel.n:
+            ranks += self._bracket(sel, sel.n)    # usually saves the threshold's own lo pass
+        return ranks
+
+    def _threshold_rank(self, sel: AbsSelector) -> int | None:
+        """global_threshold: the rank k = floor(d N) of the model-wide threshold, None
+        when k = 0 (keep all) or k = N (drop all)."""
+        k = math.floor(self._model_d(sel) * sel.n)
+        return k if 0 < k < sel.n else None
+
+    def model_extra_ranks(self, sel: AbsSelector) -> list[int]:
+        if self.scope != "global_threshold":
+            return []
+        k = self._threshold_rank(sel)
+        return [k] if k is not None and sel.lo_part([k]).needs_lo else []
+
+    def model_value(self, sel: AbsSelector):
+        d = self._model_d(sel)
+        if self.scope != "global_threshold":
+            return d
+        k = self._threshold_rank(sel)
+        if k is None:
+            return (d, 0.0 if math.floor(d * sel.n) <= 0 else math.inf)
+        sel.select([k])
+        return (d, sel.value(k))
+
     def _bracket(self, sel: AbsSelector, n: int) -> list[int]:
-        """Buckets that can hold rank floor(d n), judged from the hi histogram alone,
-        so that one lo pass usually serves the quantiles and the threshold."""
+        """Ranks, one in each bucket that can hold rank floor(d n), judged from the hi
+        histogram alone, so that one lo pass usually serves the quantiles and the
+        threshold (empty when that would mean too many values)."""
         def bounds(p):
             lo, hi = sel.quantile_ranks(p)
             return sel.bucket_bounds(sel.bucket_of(lo)[0])[0], sel.bucket_bounds(sel.bucket_of(hi)[0])[1]
@@ -167,13 +248,21 @@ class TADrop(Sparsifier):
         k_lo = max(k_lo - 1, 1)
         if k_hi < k_lo:
             return []
-        b_lo, b_hi = sel.bucket_of(k_lo)[0], sel.bucket_of(k_hi)[0]
-        buckets = [b for b in range(b_lo, b_hi + 1) if sel.bucket_count(b)]
-        total = sum(sel.bucket_count(b) for b in buckets)
-        return buckets if len(buckets) <= 8 and total <= max(1 << 16, n >> 5) else []
+        (b_lo, first), b_hi = sel.bucket_of(k_lo), sel.bucket_of(k_hi)[0]
+        ranks = []
+        for b in range(b_lo, b_hi + 1):
+            c = sel.bucket_count(b)
+            if c:
+                ranks.append(first)
+                first += c
+            if len(ranks) > 8:
+                return []
+        return ranks if first - ranks[0] <= max(1 << 16, n >> 5) else []
 
     def _fit(self, chunks: Chunks, n: int, global_value, norm_of_kept,
              whole: torch.Tensor | None = None) -> SparsifyStats:
+        if self.scope == "global_threshold" and global_value is not None:
+            return self._fit_threshold(chunks, n, global_value, norm_of_kept)
         if whole is not None and n and whole_method(
                 "tadrop" if global_value is None else "one", whole.device) == "partition":
             return self._fit_partition(whole, n, global_value, norm_of_kept)
@@ -190,7 +279,7 @@ class TADrop(Sparsifier):
         qa = qb = None
         if global_value is None:
             sel.select(sel.quantile_ranks(self.a) + sel.quantile_ranks(self.b))
-            sel.select_buckets(self._bracket(sel, n))
+            sel.select(self._bracket(sel, n))
             _lo_pass(sel, chunks)
             qa, qb = sel.quantile(self.a), sel.quantile(self.b)
             d = self._d(qa, qb)
@@ -214,14 +303,34 @@ class TADrop(Sparsifier):
         return self._finish(n, S, qa, qb, d, lambda k: (order.value(k), n - order.count_below(k)),
                             norm_of_kept)
 
-    def _finish(self, n, S, qa, qb, d, threshold, norm_of_kept) -> SparsifyStats:
-        k = math.floor(d * n)
-        if k <= 0:
-            t, kept = 0.0, n
-        elif k >= n:
-            t, kept = math.inf, 0
+    def _fit_threshold(self, chunks, n, global_value, norm_of_kept) -> SparsifyStats:
+        """global_threshold: the task's model-wide (d, t) given; this tensor keeps |tau| >= t."""
+        d, t = min(max(float(global_value[0]), 0.0), 1.0), float(global_value[1])
+        sel, acc, kept = AbsSelector(), None, 0
+        for c in chunks():
+            c = _flat(c)
+            sel.add_hi(c)          # the finiteness check
+            acc = acc or Sum64(c.device, "square")
+            acc.add(c)
+            kept += _count_at_least(c, t)
+        if n == 0:
+            return SparsifyStats(numel=0, drop_rate=0.0, k=0, threshold=0.0, norm_before=0.0,
+                                 norm_after=0.0, scale=1.0, kept=0)
+        return self._finish(n, acc.value(), None, None, d, None, norm_of_kept, fixed=(t, kept))
+
+    def _finish(self, n, S, qa, qb, d, threshold, norm_of_kept, fixed=None) -> SparsifyStats:
+        if fixed is not None:              # global_threshold: the realised rate is reported
+            t, kept = fixed
+            k = n - kept
+            rate = k / n
         else:
-            t, kept = threshold(k)
+            rate, k = d, math.floor(d * n)
+            if k <= 0:
+                t, kept = 0.0, n
+            elif k >= n:
+                t, kept = math.inf, 0
+            else:
+                t, kept = threshold(k)
         if kept == n:
             S_hat = S
         elif kept == 0:
@@ -234,7 +343,7 @@ class TADrop(Sparsifier):
             scale = 1.0 / (1.0 - d)
         else:
             scale = 1.0
-        return SparsifyStats(numel=n, q_a=qa, q_b=qb, drop_rate=d, k=k, threshold=t,
+        return SparsifyStats(numel=n, q_a=qa, q_b=qb, drop_rate=rate, k=k, threshold=t,
                              norm_before=math.sqrt(S), norm_after=scale * math.sqrt(S_hat),
                              scale=scale, kept=kept)
 
@@ -277,6 +386,12 @@ class TADrop(Sparsifier):
         if stats.scale != 1.0:
             tau.mul_(stats.scale)
         return tau
+
+    def keep_entries(self, tau, stats, out):
+        return _keep_at_least(tau, stats, out)
+
+    def rescale_factor(self, stats):
+        return float(stats.scale)
 
 
 @dataclass(frozen=True)
@@ -330,18 +445,19 @@ class TopK(Sparsifier):
         else:
             k, t, kept = None, float(global_value), 0
             for c in chunks():
-                c = _flat(c)
-                if t <= 0:
-                    kept += c.numel()
-                else:
-                    a = torch.abs(c, out=scratch("phi.f32", c.numel(), torch.float32, c.device))
-                    kept += int(torch.count_nonzero(a >= t))
+                kept += _count_at_least(_flat(c), t)
         return SparsifyStats(numel=n, drop_rate=(n - kept) / n, k=k, threshold=t, kept=kept)
 
     def apply(self, tau, stats, key):
         if stats.threshold > 0:
             _shrink(tau, stats.threshold, tau)
         return tau
+
+    def keep_entries(self, tau, stats, out):
+        return _keep_at_least(tau, stats, out)
+
+    def rescale_factor(self, stats):
+        return 1.0
 
 
 def _block_seed(seed: int, tensor: str, task: str, block: int) -> int:

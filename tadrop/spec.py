@@ -13,7 +13,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from .sparsify import Identity, Sparsifier, TopK
+from .sparsify import Identity, Sparsifier, TADrop, TopK
 
 METHODS = ("task_arithmetic", "ties", "emr", "tall_masks", "consensus")
 _DEFAULT_LAM = {"task_arithmetic": 0.3, "ties": 1.0}
@@ -36,6 +36,9 @@ class MergeSpec:
     task_sparsifiers: one Phi per task (per-model density / p, as mergekit's
     per-model `density`); same kind and scope as `sparsifier`, which they
     replace task by task (`phi(k)`).
+    emr_tadrop: how EMR uses a TADrop (or top-k) Phi: 'rescaled' (tau'_k = Phi(tau_k)
+    before EMR) or 'mask' (EMR on the raw tau_k, M_k times Phi's keep mask, Phi's
+    per-tensor rescale factor stored beside lambda_k), SPEC section 2.
     """
     method: str
     sparsifier: Sparsifier | None = None
@@ -43,6 +46,7 @@ class MergeSpec:
     weights: tuple[float, ...] | None = None
     lam: float | None = None
     emr_rescaler: str = "official"
+    emr_tadrop: str = "rescaled"
     tall_lambdas: tuple[float, ...] | float = 0.4
     tall_inner: str = "task_arithmetic"
     consensus_k_min: int = 2
@@ -79,10 +83,20 @@ class MergeSpec:
             base = self.sparsifier
             if any(type(p) is not type(base) or p.scope != base.scope for p in ts):
                 raise ValueError("task_sparsifiers must share the sparsifier's kind and scope")
+        if self.emr_tadrop not in ("rescaled", "mask"):
+            raise ValueError("emr_tadrop must be rescaled or mask")
+        if self.emr_mask_mode and not isinstance(self.sparsifier, (TADrop, TopK)):
+            raise ValueError("emr_tadrop 'mask' needs a TADrop or top-k sparsifier "
+                             f"(got {type(self.sparsifier).__name__})")
 
     def phi(self, k: int) -> Sparsifier:
         """Task k's sparsifier (its own when task_sparsifiers is set)."""
         return self.sparsifier if self.task_sparsifiers is None else self.task_sparsifiers[k]
+
+    @property
+    def emr_mask_mode(self) -> bool:
+        """EMR with Phi's keep mask ANDed into M_k (not Phi applied before EMR)."""
+        return self.method == "emr" and self.emr_tadrop == "mask"
 
     @property
     def K(self) -> int:

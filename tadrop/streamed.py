@@ -55,6 +55,8 @@ def _bytes_per_element(spec: MergeSpec, K: int) -> int:
     }[spec.method]
     if spec.sparsifier.needs_fit:
         per += 9          # hi codes (int32), lo selection mask (bool), a float32 scratch
+    if spec.emr_mask_mode:
+        per += K          # Phi's keep masks
     return per + 16       # float64 sum blocks, DARE keep mask
 
 
@@ -92,17 +94,23 @@ class TensorResult:
     stats: list[dict]                       # one row per task (SPEC 4 stats columns)
     emr: M.EMRPartials | None = None        # EMR rescaler partial sums of this tensor
     warnings: list[str] = field(default_factory=list)
+    emr_scales: list[float] | None = None   # EMR 'mask': per task, Phi's rescale factor here
 
     def to_dict(self) -> dict:
         """Plain JSON-able form (what a job returns to the driver)."""
-        return {"stats": [dict(r) for r in self.stats],
-                "emr": self.emr.to_dict() if self.emr is not None else None,
-                "warnings": list(self.warnings)}
+        d = {"stats": [dict(r) for r in self.stats],
+             "emr": self.emr.to_dict() if self.emr is not None else None,
+             "warnings": list(self.warnings)}
+        if self.emr_scales is not None:
+            d["emr_scales"] = [float(x) for x in self.emr_scales]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TensorResult":
         emr = M.EMRPartials.from_dict(d["emr"]) if d.get("emr") is not None else None
-        return cls([dict(r) for r in d["stats"]], emr, list(d.get("warnings", ())))
+        scales = d.get("emr_scales")
+        return cls([dict(r) for r in d["stats"]], emr, list(d.get("warnings", ())),
+                   None if scales is None else [float(x) for x in scales])
 
 
 class _Reader:
@@ -194,7 +202,7 @@ class _Combiner:
         for k in range(masks.shape[0]):   # per row: far faster than a bool sum over dim 1
             self.mask_counts[k] += int(torch.count_nonzero(masks[k]))
 
-    def __call__(self, r0, r1, taus, base, sink):
+    def __call__(self, r0, r1, taus, base, sink, keep=None):
         spec, K, m = self.spec, self.spec.K, base.numel()
         rs = _rows_shape(self.shape, r0, r1)
         method = spec.method
@@ -206,7 +214,7 @@ class _Combiner:
         masks = scratch("eng.masks", K * m, torch.bool, self.device).view(K, m)
         if method == "emr":
             uni = scratch("eng.uni", m, torch.float32, self.device)
-            M.emr(taus, out_uni=uni, out_masks=masks, sums=self.emr_sums)
+            M.emr(taus, out_uni=uni, out_masks=masks, sums=self.emr_sums, keep=keep)
             sink.unified(r0, r1, uni.view(rs))
         else:
             inner = spec.tall_inner if method == "tall_masks" else spec.consensus_inner
@@ -228,7 +236,7 @@ def merge_tensor(spec: MergeSpec, name: str, src: TensorSource, sink: TensorSink
     begin_scratch_generation(plan.est_bytes)
     rd = _Reader(name, src, spec, dev)
     n, rows, rn = rd.n, rd.rows, rd.rn
-    if phi.needs_fit and phi.scope == "model" and global_values is None:
+    if phi.needs_fit and phi.scope != "tensor" and global_values is None:
         raise ValueError(f"tensor {name!r}: a model-scope sparsifier needs global_values")
     gv = list(global_values) if global_values is not None else [None] * K
     key = lambda k, off: ChunkKey(spec.seed, name, spec.task_names[k], off)  # noqa: E731
@@ -236,6 +244,9 @@ def merge_tensor(spec: MergeSpec, name: str, src: TensorSource, sink: TensorSink
     stats: list[SparsifyStats | None] = [None] * K
     cr = max(1, min(plan.chunk_rows, rows))
     cap = cr * rn
+
+    mask_mode = spec.emr_mask_mode     # EMR 'mask': keep tau_k raw, Phi's keep mask on the side
+    keep_buf = scratch("eng.keep", K * cap, torch.bool, dev).view(K, cap) if mask_mode and n else None
 
     def weigh(k, t):
         if spec.weights[k] != 1.0:
@@ -249,9 +260,13 @@ def merge_tensor(spec: MergeSpec, name: str, src: TensorSource, sink: TensorSink
         for k in range(K):
             task = spec.task_names[k]
             t = rd.tau(k, 0, rows, base, taus[k])
-            stats[k] = _named(lambda: spec.phi(k).fit_apply_(t, key(k, 0), global_value=gv[k]), name, task)
+            if mask_mode:
+                stats[k] = _named(lambda: spec.phi(k).fit(t, global_value=gv[k]), name, task)
+                spec.phi(k).keep_entries(t, stats[k], keep_buf[k])
+            else:
+                stats[k] = _named(lambda: spec.phi(k).fit_apply_(t, key(k, 0), global_value=gv[k]), name, task)
             weigh(k, t)
-        comb(0, rows, taus, base, sink)
+        comb(0, rows, taus, base, sink, keep_buf)
     else:
         for k in range(K):
             task, phi = spec.task_names[k], spec.phi(k)
@@ -274,11 +289,15 @@ def merge_tensor(spec: MergeSpec, name: str, src: TensorSource, sink: TensorSink
             m = (r1 - r0) * rn
             base = rd.base(r0, r1, base_buf[:m])
             taus = taus_buf[:, :m]
+            keep = keep_buf[:, :m] if mask_mode else None
             for k in range(K):
                 t = rd.tau(k, r0, r1, base, taus[k])
-                spec.phi(k).apply(t, stats[k], key(k, r0 * rn))
+                if mask_mode:
+                    spec.phi(k).keep_entries(t, stats[k], keep[k])
+                else:
+                    spec.phi(k).apply(t, stats[k], key(k, r0 * rn))
                 weigh(k, t)
-            comb(r0, r1, taus, base, sink)
+            comb(r0, r1, taus, base, sink, keep)
     has_masks = "masks" in spec.outputs
     rows_out = [_stats_row(name, spec.task_names[k], stats[k],
                            (comb.mask_counts[k] / n if n else 0.0) if has_masks else None)
@@ -287,15 +306,17 @@ def merge_tensor(spec: MergeSpec, name: str, src: TensorSource, sink: TensorSink
         emr = comb.emr_sums.partials(n) if n else M.EMRPartials((0.0,) * K, (0.0,) * K, 0)
     else:
         emr = None
-    return TensorResult(rows_out, emr)
+    scales = [spec.phi(k).rescale_factor(stats[k]) for k in range(K)] if mask_mode else None
+    return TensorResult(rows_out, emr, emr_scales=scales)
 
 
 # ---- model scope ------------------------------------------------------------------
 
 def _global_phi(spec: MergeSpec) -> Sparsifier:
     phi = spec.sparsifier
-    if not (phi.needs_fit and phi.scope == "model"):
-        raise ValueError("model-scope passes need a TADrop/TopK sparsifier with scope 'model'")
+    if not (phi.needs_fit and phi.scope != "tensor"):
+        raise ValueError("model-scope passes need a TADrop/TopK sparsifier with scope 'model' "
+                         "or 'global_threshold'")
     return phi
 
 
@@ -323,7 +344,7 @@ def global_select(spec: MergeSpec, selectors: Sequence[AbsSelector]) -> None:
     (optional: `global_pass_lo` derives the same buckets itself)."""
     _global_phi(spec)
     for k, s in enumerate(selectors):
-        s.select(spec.phi(k).model_ranks(s.n))
+        s.select(spec.phi(k).model_lo_ranks(s))
 
 
 def global_pass_lo(spec: MergeSpec, name: str, src: TensorSource, plan: TensorPlan,
@@ -332,19 +353,41 @@ def global_pass_lo(spec: MergeSpec, name: str, src: TensorSource, plan: TensorPl
     need; `selectors` are the merged hi selectors (not modified).  Merge the
     returned parts into them, then call `global_values`."""
     _global_phi(spec)
+    return _lo_parts(spec, name, src, plan, [selectors[k].lo_part(spec.phi(k).model_lo_ranks(selectors[k]))
+                                             for k in range(spec.K)], device)
+
+
+def _lo_parts(spec, name, src, plan, parts, device) -> list[AbsSelector]:
     begin_scratch_generation(plan.est_bytes)
     rd = _Reader(name, src, spec, device)
-    out = []
-    for k in range(spec.K):
-        part = selectors[k].lo_part(spec.phi(k).model_ranks(selectors[k].n))
+    for k, part in enumerate(parts):
         if rd.n and part.needs_lo:
             for c in rd.chunks(k, max(1, plan.chunk_rows))():
                 part.add_lo(c)
-        out.append(part)
-    return out
+    return parts
 
 
-def global_values(spec: MergeSpec, selectors: Sequence[AbsSelector]) -> list[float]:
-    """Per task: TADrop's model-wide drop rate d, or TopK's model-wide threshold."""
+def global_extra_ranks(spec: MergeSpec, selectors: Sequence[AbsSelector]) -> list[list[int]]:
+    """After `global_pass_lo` parts are merged: per task, the ranks a further lo pass
+    must resolve (global_threshold: the threshold's rank when the first lo pass's
+    bracket missed it); all empty when none is needed."""
+    _global_phi(spec)
+    return [spec.phi(k).model_extra_ranks(s) for k, s in enumerate(selectors)]
+
+
+def global_pass_extra(spec: MergeSpec, name: str, src: TensorSource, plan: TensorPlan,
+                      selectors: Sequence[AbsSelector], ranks: Sequence[Sequence[int]],
+                      device="cpu") -> list[AbsSelector]:
+    """The further lo pass: per task, this tensor's lo counts for the buckets of
+    `ranks[k]` (from `global_extra_ranks`); `selectors` are the merged hi selectors.
+    Merge the parts (`merge_lo`), then call `global_values`."""
+    _global_phi(spec)
+    return _lo_parts(spec, name, src, plan, [selectors[k].lo_part(list(ranks[k]))
+                                             for k in range(spec.K)], device)
+
+
+def global_values(spec: MergeSpec, selectors: Sequence[AbsSelector]) -> list:
+    """Per task: TADrop's model-wide drop rate d (scope model), the pair (d, threshold)
+    (scope global_threshold), or TopK's model-wide threshold."""
     _global_phi(spec)
     return [spec.phi(k).model_value(s) for k, s in enumerate(selectors)]
