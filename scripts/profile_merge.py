@@ -56,8 +56,11 @@ CATEGORIES = [
 SYSCALLS = "pwrite64,fsync,fdatasync,madvise,renameat,renameat2,rename"
 
 
+PY_FRAME = re.compile(r".+ \(.+:\d+\)$")   # "function (file.py:line)"; process labels are not
+
+
 def classify(stack: str) -> str:
-    frames = [f for f in stack.split(";") if not f.startswith("process ")]
+    frames = [f for f in stack.split(";") if PY_FRAME.match(f)]
     if not frames:
         return "no Python frame (a native thread, or a sample py-spy could not read)"
     for fr in reversed(frames):
@@ -76,8 +79,8 @@ def fold(raw: Path) -> dict:
             continue
         stack, n = line.rsplit(" ", 1)
         n = int(n)
-        chain = [f for f in stack.split(";") if f.startswith("process ")]
-        last = chain[-1] if chain else ""
+        labels = [f for f in stack.split(";") if not PY_FRAME.match(f)]   # process labels (may hold ';')
+        last = labels[-1] if labels else ""
         if "multiprocessing-fork" in last or "spawn_main" in last:
             procs["workers"] += n
         elif "pipeline.cli" in last:
@@ -173,7 +176,17 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=REPO / "bench_data" / "profile")
     ap.add_argument("--out", type=Path, default=REPO / "bench")
     ap.add_argument("--note", action="append", default=[], help="a line to add under the tables")
+    ap.add_argument("--report-only", action="store_true",
+                    help="re-fold the raw profiles under --work into --out/profile.{json,md}")
     args = ap.parse_args(argv)
+    if args.report_only:
+        res = json.loads((args.out / "profile.json").read_text())
+        for r in res["runs"]:
+            r["profile"] = fold(args.work / f"{r['method']}.pyspy.txt")
+        res["notes"] = res.get("notes", []) + args.note
+        (args.out / "profile.json").write_text(json.dumps(res, indent=2) + "\n")
+        (args.out / "profile.md").write_text(render(res))
+        return 0
     for tool in ("py-spy", "strace"):
         if not shutil.which(tool):
             raise SystemExit(f"{tool} not found: pip install py-spy / apt-get install strace")
