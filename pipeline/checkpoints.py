@@ -14,6 +14,7 @@ import mmap
 import os
 import struct
 import threading
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,8 @@ NON_WEIGHT_PATTERNS = ("config.json", "generation_config.json", "tokenizer*",
                        "*.model", "chat_template*", "preprocessor_config.json")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
+
+log = logging.getLogger("tadrop")
 
 # torch warns (once per process) that a view of a read-only map is not writable: by design.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
@@ -111,6 +114,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict, int]:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt header (not JSON: {e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: corrupt header (JSON nested too deeply)") from None
     except KeyError as e:
         raise CheckpointError(f"{path}: corrupt header (tensor {e.args[0]!r} listed "
                               "twice)") from None
@@ -138,7 +143,7 @@ def _tensor_info(path: Path, name: str, entry, data_start: int, data_size: int) 
         raise CheckpointError(f"{where}: corrupt header entry {entry!r} (expected dtype, "
                               "shape, data_offsets)")
     dtype, shape, offs = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise CheckpointError(f"{where}: unknown or unsupported dtype {dtype!r}; supported: "
                               f"{', '.join(DTYPES)}")
     if not (isinstance(shape, list) and all(_is_uint(d) for d in shape)):
@@ -212,12 +217,15 @@ class Checkpoint:
             wmap = data["weight_map"]
             if not isinstance(wmap, dict):
                 raise TypeError("weight_map is not an object")
+        except RecursionError:
+            raise CheckpointError(f"{index}: corrupt index (JSON nested too deeply)") from None
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: corrupt index ({type(e).__name__}: {e})") from None
+        for t, s in wmap.items():
+            if not isinstance(s, str) or Path(s).name != s or s in ("", ".", ".."):
+                raise CheckpointError(f"{index}: tensor {t!r}: shard name {str(s)[:80]!r} must be "
+                                      "a plain file name")
         shard_names = list(dict.fromkeys(wmap.values()))
-        for s in shard_names:
-            if not isinstance(s, str) or Path(s).name != s:
-                raise CheckpointError(f"{index}: shard name {s!r} must be a plain file name")
         tensors: dict[str, TensorInfo] = {}
         problems = []
         for s in shard_names:
@@ -312,13 +320,27 @@ class Checkpoint:
             mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def non_weight_files(self) -> list[Path]:
-        """Files a Hugging Face output needs besides the weights (config, tokenizer...)."""
+        """Files a Hugging Face output needs besides the weights (config, tokenizer...).
+
+        A symlink is followed only into the model directory or, for a snapshot of the Hugging Face
+        cache (`.../snapshots/<rev>/`), into that repo's `blobs/`: a link pointing anywhere else is
+        skipped with a warning, so a merge never copies an unrelated file into its output."""
         out = []
+        root = self.root.resolve()
+        allowed = [root]
+        if root.parent.name == "snapshots":
+            allowed.append(root.parent.parent / "blobs")
         for p in sorted(self.root.iterdir()):
             if not p.is_file() or p.name.endswith(WEIGHT_SUFFIXES) or p.name.endswith(
                     ".index.json"):
                 continue
             if any(fnmatch.fnmatchcase(p.name, pat) for pat in NON_WEIGHT_PATTERNS):
+                if p.is_symlink():
+                    target = p.resolve()
+                    if not any(target.is_relative_to(a) for a in allowed):
+                        log.warning("%s: not copied: a symlink to %s, outside the model directory",
+                                    p, target)
+                        continue
                 out.append(p)
         return out
 

@@ -175,6 +175,7 @@ class MergeConfig(_Strict):
     executor: Literal["local", "ray"] = "local"
     device: Literal["cpu", "cuda"] = "cpu"
     ray: RayConfig = Field(default_factory=RayConfig)
+    clamp_overflow: bool = False   # float16 output: clamp out-of-range values (warning) instead of failing
 
     @model_validator(mode="before")
     @classmethod
@@ -282,6 +283,8 @@ class MergeConfig(_Strict):
             d["tall"]["lambdas"] = dict(zip(self.task_names, self.tall_lambdas()))
         if self.method != "consensus":
             d.pop("consensus")
+        if not self.clamp_overflow:  # the default leaves the identity of earlier runs unchanged
+            d.pop("clamp_overflow")
         return _canonical(d)
 
 
@@ -337,13 +340,20 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None) -> Merge
     """Read and validate a YAML config; `overrides` (from the CLI) win over the file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a YAML text file (not UTF-8: byte {e.start} is "
+                          f"{e.object[e.start:e.start + 1]!r})") from None
+    if "\x00" in text:
+        raise ConfigError(f"{path}: not a YAML text file (it contains NUL bytes)")
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config must be a mapping of keys to values, "
                           f"got {type(data).__name__}")

@@ -7,10 +7,12 @@ calls back in the driver as each job finishes, so the driver can record it in th
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing as mp
 import os
 import signal
+import threading
 from abc import ABC, abstractmethod
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -71,6 +73,21 @@ def _run_job(job: Job) -> dict:
     return _RUNNER.run(job)
 
 
+@contextlib.contextmanager
+def _children_ignore_sigint():
+    """Workers are spawned with SIGINT ignored (an ignored signal stays ignored across exec, and Python
+    then installs no KeyboardInterrupt handler), so Ctrl-C reaches the driver alone, which stops them:
+    no worker tracebacks, even while they are still importing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 class LocalExecutor(Executor):
     """N worker processes on this machine, one torch thread each, a bounded window of jobs in flight.
 
@@ -105,7 +122,8 @@ class LocalExecutor(Executor):
             while todo or in_flight:
                 while todo and len(in_flight) < self.window:
                     job = todo.pop(0)
-                    in_flight[pool.submit(_run_job, job)] = job
+                    with _children_ignore_sigint():   # submit spawns the workers, on demand
+                        in_flight[pool.submit(_run_job, job)] = job
                 done, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
                 for fut in done:
                     job = in_flight.pop(fut)
@@ -122,9 +140,12 @@ class LocalExecutor(Executor):
                     except Exception as e:  # an error inside a worker that is not a JobError
                         raise JobError(f"{job.describe()}: {type(e).__name__}: {e}") from e
                     on_result(job, result)
-        except BaseException:
+        except BaseException as e:
             for fut in in_flight:
                 fut.cancel()
+            if isinstance(e, KeyboardInterrupt):   # workers ignore SIGINT: stop them (resume redoes their jobs)
+                for proc in list(getattr(self._pool, "_processes", {}).values()):
+                    proc.terminate()
             self.close()
             raise
 

@@ -5,7 +5,7 @@ copy `merged/`. The checkpoint is written beside its destination and renamed int
 """
 from __future__ import annotations
 
-import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -14,11 +14,14 @@ import torch
 
 from tadrop import methods
 
+from . import integrity
 from .checkpoints import Checkpoint
 from .config import MergeConfig
-from .job import TORCH_DTYPES
+from .job import TORCH_DTYPES, JobError, check_float16
 from .plan import MERGED_METHODS
-from .writers import MaskStore, ShardWriter, create_shard_files, fsync_dir, plan_shards, write_index
+from .writers import MaskStore, MaskStoreError, ShardWriter, create_shard_files, fsync_dir, plan_shards, write_index
+
+log = logging.getLogger("tadrop")
 
 CHUNK_BYTES = 64 << 20  # float32 bytes per streamed piece of one tensor
 
@@ -29,37 +32,64 @@ class ExportError(RuntimeError):
 
 def _load_run(run_dir: Path) -> tuple[dict, MergeConfig]:
     try:
-        record = json.loads((run_dir / "run.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ExportError(f"{run_dir} is not a tadrop run (run.json: {e})") from None
+        record = integrity.read_json(run_dir / "run.json")
+    except integrity.StateError as e:
+        raise ExportError(f"{run_dir} is not a readable tadrop run ({e})") from None
     if not record.get("complete"):
         raise ExportError(f"run {run_dir} is not complete: finish it first (re-run `tadrop merge`)")
-    return record, MergeConfig.from_json(record["config"])
+    try:
+        return record, MergeConfig.from_json(record["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ExportError(f"{run_dir / 'run.json'}: corrupt config ({e})") from None
+
+
+def _check_output(output: Path, run_dir: Path, cfg: MergeConfig) -> None:
+    """Refuse up front an output that is a symlink, or lies inside an input or the run directory."""
+    if output.is_symlink():
+        raise ExportError(f"export output {output} is a symlink: give a real path")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise ExportError(f"export output {output} exists and is not empty")
+    out_abs = output.resolve()
+    run_abs = run_dir.resolve()
+    if out_abs == run_abs or any(out_abs.is_relative_to(run_abs / d) for d in
+                                 (".tadrop", "merged", "unified", "masks.zarr")):
+        raise ExportError(f"export output {output} is the run directory or inside its outputs")
+    for what, p in [("the input " + m.name, m.path) for m in cfg.models] + [("the base", cfg.base)]:
+        root = Path(p).resolve()   # a model dir (a single .safetensors input has no dir of its own)
+        if out_abs == root or (root.is_dir() and out_abs.is_relative_to(root)):
+            raise ExportError(f"export output {output} is inside {what} ({root}): choose another path")
 
 
 def export_task(run_dir: Path, task: str, output: Path, shard_size: int | None = None) -> Path:
+    """Write one task's model; holds the run's shared lock while reading (no merge can write meanwhile)
+    and refuses a run whose outputs are missing or resized (integrity.check_complete)."""
     run_dir, output = Path(run_dir), Path(output)
     record, cfg = _load_run(run_dir)
     names = [m.name for m in cfg.models]
     if task not in names:
         raise ExportError(f"task {task!r} is not in run {run_dir}; tasks: {', '.join(names)}")
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise ExportError(f"export output {output} exists and is not empty")
-    out_abs = output.resolve()
-    for p in [cfg.base, *[m.path for m in cfg.models], run_dir]:
-        if out_abs == Path(p).resolve():
-            raise ExportError(f"export output {output} is an input or the run directory")
-
-    tmp = output.parent / f".{output.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    if cfg.method in MERGED_METHODS:
-        shutil.copytree(run_dir / "merged", tmp)
-    else:
-        _write_task_model(run_dir, cfg, names.index(task), tmp, shard_size or int(cfg.shard_size))
-    if output.exists():
-        output.rmdir()
-    tmp.rename(output)
+    _check_output(output, run_dir, cfg)
+    with integrity.read_lock(run_dir, "export"):
+        report = integrity.check_complete(run_dir)
+        if not report.ok:
+            raise ExportError(f"run {run_dir} is damaged ({len(report.problems)} problem(s); first: "
+                              f"{report.problems[0]}): re-run `tadrop merge` to repair it")
+        tmp = output.parent / f".{output.name}.partial-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        try:
+            if cfg.method in MERGED_METHODS:
+                shutil.copytree(run_dir / "merged", tmp)
+            else:
+                _write_task_model(run_dir, cfg, names.index(task), tmp, shard_size or int(cfg.shard_size))
+            if output.exists():
+                output.rmdir()
+            tmp.rename(output)
+        except MaskStoreError as e:
+            raise ExportError(str(e)) from None
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     fsync_dir(output.parent)
     return output
 
@@ -88,6 +118,7 @@ def _write_task_model(run_dir: Path, cfg: MergeConfig, k: int, tmp: Path, shard_
     plan = plan_shards(entries, shard_size)
     create_shard_files(plan, tmp)
     writer = ShardWriter(plan, tmp)
+    warnings: list[str] = []
     try:
         for name, dtype, shape in entries:
             if name not in unified.tensors:  # copied from the base unchanged
@@ -104,6 +135,11 @@ def _write_task_model(run_dir: Path, cfg: MergeConfig, k: int, tmp: Path, shard_
                 vec = _rows(unified, name, shape, r0, r1).float()
                 mask = torch.from_numpy(store.read(name, k, r0, r1)).reshape(vec.shape)
                 theta = task_model(theta0, vec, mask)
+                if out_dtype == torch.float16:
+                    try:
+                        theta = check_float16(theta, name, cfg.clamp_overflow, warnings)
+                    except JobError as e:
+                        raise ExportError(str(e)) from None
                 writer.write(name, theta.to(out_dtype).reshape((r1 - r0, *shape[1:]) if shape else ())
                              .contiguous(), row_start=r0)
             base.release(name)
@@ -111,6 +147,8 @@ def _write_task_model(run_dir: Path, cfg: MergeConfig, k: int, tmp: Path, shard_
         writer.sync()
     finally:
         writer.close()
+    for w in dict.fromkeys(warnings):
+        log.warning(w)
     write_index(plan, tmp)
     for f in base.non_weight_files():
         shutil.copy2(f, tmp / f.name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 
 _hits: dict[str, int] = {}
 
@@ -23,11 +24,29 @@ def write_fault() -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
+def _pause(point: str) -> None:
+    """`TADROP_PAUSE=<point>[:N]` with `TADROP_PAUSE_FILE=F`: at that point the driver creates F.reached
+    and waits while F exists (the concurrency tests hold a run mid-merge this way)."""
+    want = os.environ.get("TADROP_PAUSE")
+    name, _, nth = (want or "").partition(":")
+    if name != point:
+        return
+    _hits["pause:" + point] = _hits.get("pause:" + point, 0) + 1
+    if _hits["pause:" + point] != int(nth or 1):
+        return
+    flag = os.environ["TADROP_PAUSE_FILE"]
+    open(flag + ".reached", "w").close()
+    deadline = time.time() + 600
+    while os.path.exists(flag) and time.time() < deadline:
+        time.sleep(0.02)
+
+
 def crash_point(point: str) -> None:
     """Die by SIGKILL (no cleanup, like the OOM killer) when TADROP_FAULT names this point.
 
     `name:N` dies on the N-th time the point is reached, e.g. `after_job:3`.
     """
+    _pause(point)
     want = os.environ.get("TADROP_FAULT")
     if not want:
         return

@@ -34,6 +34,24 @@ class JobError(RuntimeError):
     """An application error in a job (bad tensor, NaN, I/O failure): fails the run, names the tensor."""
 
 
+FLOAT16_MAX = 65504.0
+
+
+def check_float16(rows: torch.Tensor, name: str, clamp: bool, warnings: list[str]) -> torch.Tensor:
+    """float32 rows about to be cast to float16: a magnitude beyond float16's range would become inf.
+    An error naming the tensor and its largest magnitude, or (clamp_overflow: true) a clamp and a
+    warning. Only float16 outputs pay for this check."""
+    peak = float(rows.abs().max()) if rows.numel() else 0.0
+    if peak <= FLOAT16_MAX:
+        return rows
+    if not clamp:
+        raise JobError(f"tensor '{name}': float16 overflow: largest magnitude {peak:.6g} exceeds "
+                       f"float16's {FLOAT16_MAX:g} (use output_dtype bfloat16/float32, or set "
+                       "clamp_overflow: true to clamp)")
+    warnings.append(f"tensor '{name}': clamped to +-{FLOAT16_MAX:g} for float16 (largest magnitude {peak:.6g})")
+    return rows.clamp(-FLOAT16_MAX, FLOAT16_MAX)
+
+
 @dataclass(frozen=True)
 class Job:
     """One tensor's work in one phase. `id` is stable across runs: it keys the ledger."""
@@ -67,6 +85,7 @@ class RunContext:
     device: str = "cpu"
     torch_threads: int = 1
     model_scope: bool = False              # merge jobs read per-task values from global/values.npz
+    clamp_overflow: bool = False           # float16 output: clamp (with a warning) instead of failing
 
     @property
     def merged_dir(self) -> Path:
@@ -129,6 +148,8 @@ class _Sink:
 
     def _write(self, writer: ShardWriter, dtype: torch.dtype, r0: int, rows: torch.Tensor) -> None:
         write_fault()
+        if dtype == torch.float16:
+            rows = check_float16(rows, self._name, self._r.ctx.clamp_overflow, self._r.warnings)
         out = rows.to(device="cpu", dtype=dtype).contiguous()
         writer.write(self._name, out, row_start=r0)
 
@@ -174,6 +195,7 @@ class JobRunner:
         self.mask_store = MaskStore.open(ctx.masks_path) if ctx.write_masks else None
         self._sel: list[AbsSelector] | None = None
         self._values: list[float] | None = None
+        self.warnings: list[str] = []
 
     # -- helpers ---------------------------------------------------------------------------------
     def _source(self, name: str) -> _Source:
@@ -198,6 +220,9 @@ class JobRunner:
 
     # -- jobs --------------------------------------------------------------------------------------
     def run(self, job: Job) -> dict:
+        self.warnings = []   # a failed earlier attempt leaves nothing behind for this one
+        if self.mask_store is not None:
+            self.mask_store.take_checksums(job.tensor)
         try:
             if job.kind == "merge":
                 return self._merge(job.tensor)
@@ -230,14 +255,29 @@ class JobRunner:
             global_values=global_values, device=ctx.device,
         )
         self._sync()
-        return result.to_dict()
+        return self._finish(name, result.to_dict())
 
     def _copy(self, name: str) -> dict:
         """Integer/bool/passthrough tensors: the base bytes, unchanged, into the merged shards."""
         view = self.ctx.base.view(name)
         self.merged_writer.write(name, view.contiguous())
         self._sync()
-        return {"copied": name}
+        return self._finish(name, {"copied": name})
+
+    def _finish(self, name: str, result: dict) -> dict:
+        """Add the checksums of what this job wrote (integrity.verify) and its warnings."""
+        sums = {}
+        for kind, writer in (("merged", self.merged_writer), ("unified", self.unified_writer)):
+            if writer is not None and name in writer.plan.weight_map:
+                sums[kind] = writer.checksum(name)
+        if self.mask_store is not None:
+            masks = self.mask_store.take_checksums(name)
+            if masks:
+                sums["masks"] = masks
+        result["checksums"] = sums
+        if self.warnings:
+            result["warnings"], self.warnings = self.warnings, []
+        return result
 
     def _global_hi(self, name: str) -> dict:
         sels = streamed.global_pass_hi(self.ctx.spec, name, self._source(name), self.ctx.tensor_plans[name],

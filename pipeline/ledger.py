@@ -18,7 +18,8 @@ class LedgerError(ValueError):
 
 
 class Ledger:
-    """Append-only JSONL `{"job": id, "result": {...}}`; single writer (the driver)."""
+    """Append-only JSONL `{"job": id, "result": {...}}`; single writer (the driver, holding the run
+    lock). `"result": null` invalidates the job's earlier records."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -39,8 +40,11 @@ class Ledger:
             if last and not line:
                 break
             try:
-                rec = json.loads(line)
-                if not (isinstance(rec, dict) and "job" in rec and "result" in rec):
+                try:
+                    rec = json.loads(line)
+                except RecursionError:
+                    raise ValueError("nested too deeply") from None
+                if not (isinstance(rec, dict) and isinstance(rec.get("job"), str) and "result" in rec):
                     raise ValueError("not a ledger record")
                 if last:
                     raise ValueError("no trailing newline")
@@ -48,13 +52,22 @@ class Ledger:
                 if last or (i == len(lines) - 2 and not lines[-1]):
                     break  # torn by a crash: ignored, truncated before the next append
                 raise LedgerError(f"{self.path}: line {i + 1} is corrupt ({e})") from None
-            done[rec["job"]] = rec["result"]
+            if rec["result"] is None:   # invalidated: its outputs were found lost or damaged
+                done.pop(rec["job"], None)
+            else:
+                done[rec["job"]] = rec["result"]
             pos += len(line) + 1
         return done, pos
 
     def done(self) -> dict[str, Any]:
         """Results of every completely recorded job (a later record of a job wins)."""
         return self._scan()[0]
+
+    def invalidate(self, job_ids) -> None:
+        """Forget finished jobs whose outputs were lost or damaged (one `"result": null` line each),
+        so that a crash before they are redone cannot resurrect them."""
+        for job_id in sorted(job_ids):
+            self.record(job_id, None)
 
     def record(self, job_id: str, result: Any) -> None:
         """Append one line and fsync it before returning."""

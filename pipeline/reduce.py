@@ -17,6 +17,7 @@ from tadrop import methods
 from .checkpoints import Checkpoint
 from .config import MergeConfig
 from .faults import crash_point
+from .integrity import read_json
 from .plan import Plan
 from .writers import MaskStore, atomic_write_json, fsync_dir, write_index, write_stats
 
@@ -88,6 +89,6 @@ def reduce_run(out_dir: Path, state: Path, plan: Plan, cfg: MergeConfig, base: C
             src.rename(dst)
             crash_point("reduce_publish")
     fsync_dir(out_dir)
-    record = json.loads(marker.read_text())
+    record = read_json(marker, " (reduce marker)")
     if record.get("scalars"):
         log.info("per-task scalars: %s", json.dumps(record["scalars"]))

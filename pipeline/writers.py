@@ -20,6 +20,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
+import xxhash
 import pyarrow.parquet as pq
 import torch
 
@@ -189,6 +190,15 @@ def _shard_ok(path: Path, shard: ShardFile) -> bool:
         return False
 
 
+def _read_all(fd: int) -> bytes:
+    parts = []
+    while True:
+        block = os.read(fd, 16 << 20)
+        if not block:
+            return b"".join(parts)
+        parts.append(block)
+
+
 def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
     while len(buf):
         n = os.pwrite(fd, buf, offset)
@@ -213,6 +223,7 @@ class ShardWriter:
         self.plan, self.directory = plan, Path(directory)
         self._fds: dict[str, int] = {}
         self._dirty: set[str] = set()
+        self._hash: dict[str, tuple[Any, int]] = {}   # tensor -> (running xxh3, next byte expected)
 
     def _fd(self, filename: str) -> int:
         fd = self._fds.get(filename)
@@ -240,6 +251,32 @@ class ShardWriter:
                              f"overruns its {info.nbytes} bytes")
         _pwrite_all(self._fd(shard.filename), buf, info.offset + start)
         self._dirty.add(shard.filename)
+        h, pos = self._hash.get(name) or (xxhash.xxh3_64(), 0)
+        if pos == start:  # rows in order (the usual case): hash the bytes while they are in cache
+            h.update(buf)
+            self._hash[name] = (h, start + len(buf))
+        else:
+            self._hash[name] = (None, -1)
+
+    def checksum(self, name: str) -> list:
+        """[file, offset, nbytes, xxh3_64] of a tensor's byte range, from the bytes written (read back
+        from the file only when its rows were not written in order)."""
+        shard, info = self.plan.locate(name)
+        h, pos = self._hash.pop(name, (None, -1))
+        if h is None or pos != info.nbytes:
+            h = xxhash.xxh3_64()
+            fd = os.open(self.directory / shard.filename, os.O_RDONLY)
+            try:
+                done = 0
+                while done < info.nbytes:
+                    block = os.pread(fd, min(16 << 20, info.nbytes - done), info.offset + done)
+                    if not block:
+                        break
+                    h.update(block)
+                    done += len(block)
+            finally:
+                os.close(fd)
+        return [shard.filename, info.offset, info.nbytes, h.hexdigest()]
 
     def sync(self) -> None:
         """fsync every file written since the last sync (before the ledger records a job)."""
@@ -282,8 +319,10 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
 def encode_array_name(name: str) -> str:
     """Zarr node name for a tensor name: kept as is when plain ([A-Za-z0-9_.-], not
     starting with '.'); otherwise percent-encoded (reversible by decode_array_name)."""
-    if _SAFE_NAME.match(name):
+    if _SAFE_NAME.match(name) and name != "zarr.json":  # the group's own metadata file
         return name
+    if name == "zarr.json":
+        return "zarr%2Ejson"
     enc = urllib.parse.quote(name, safe="_-.")
     return "%2E" + enc[1:] if enc.startswith(".") else enc
 
@@ -306,16 +345,26 @@ def _quiet_zarr():
         yield
 
 
+class MaskStoreError(ValueError, KeyError):
+    """A mask array or chunk is missing or unreadable; names the store, tensor and chunk.
+    A missing chunk is never read as the fill value: every chunk is written, even an all-False one."""
+
+    def __str__(self) -> str:   # a plain message, not KeyError's quoted repr
+        return str(self.args[0]) if self.args else ""
+
+
 class MaskStore:
     """Per-task boolean masks: one bit-packed Zarr array (K, *shape) per tensor.
 
     Chunks are (1, chunk_rows, *rest) so every job writes only whole chunks of its own
-    rows; no sharding codec, since two processes writing one shard lose data.
+    rows; no sharding codec, since two processes writing one shard lose data. Every chunk is
+    stored (write_empty_chunks), so a missing chunk file always means damage.
     """
 
     def __init__(self, path: str | os.PathLike, group):
         self.path, self._group = Path(path), group
         self._arrays: dict[str, Any] = {}
+        self._sums: dict[str, dict[str, list]] = {}   # tensor -> chunk key -> [size, xxh3_64]
 
     @classmethod
     def create(cls, path: str | os.PathLike, arrays: dict[str, tuple[int, Sequence[int], int]],
@@ -351,8 +400,12 @@ class MaskStore:
         import zarr
         if not (Path(path) / "zarr.json").is_file():
             raise FileNotFoundError(f"{path}: not a mask store (no zarr.json)")
-        with _quiet_zarr():
-            return cls(path, zarr.open_group(str(path), mode=mode))
+        try:
+            with _quiet_zarr():
+                return cls(path, zarr.open_group(str(path), mode=mode))
+        except Exception as e:
+            raise MaskStoreError(f"{path}/zarr.json: unreadable mask store metadata "
+                                 f"({type(e).__name__}: {e})") from None
 
     def __getstate__(self) -> dict:
         return {"path": str(self.path)}
@@ -364,12 +417,27 @@ class MaskStore:
     def _array(self, name: str):
         arr = self._arrays.get(name)
         if arr is None:
+            key = encode_array_name(name)
             try:
                 with _quiet_zarr():
-                    arr = self._arrays[name] = self._group[encode_array_name(name)]
+                    arr = self._group[key].with_config({"write_empty_chunks": True})
             except KeyError:
-                raise KeyError(f"{self.path}: no mask array for tensor {name!r}") from None
+                raise MaskStoreError(f"{self.path}: no mask array for tensor {name!r} "
+                                     f"({key}/zarr.json missing)") from None
+            except Exception as e:  # corrupt array metadata
+                raise MaskStoreError(f"{self.path}/{key}/zarr.json: unreadable mask array metadata "
+                                     f"for tensor {name!r} ({type(e).__name__}: {e})") from None
+            self._arrays[name] = arr
         return arr
+
+    def array_key(self, name: str) -> str:
+        return encode_array_name(name)
+
+    def take_checksums(self, name: str) -> dict | None:
+        """{"array": key, "chunks": {chunk key: [size, xxh3_64]}} of the chunks written for a tensor
+        since the last call (for the job's ledger result)."""
+        chunks = self._sums.pop(name, None)
+        return {"array": encode_array_name(name), "chunks": chunks} if chunks else None
 
     def names(self) -> list[str]:
         with _quiet_zarr():
@@ -391,7 +459,7 @@ class MaskStore:
         if len(arr.shape) == 1:   # 0-d tensor: one element per task
             with _quiet_zarr():
                 arr[:] = masks.reshape(arr.shape)
-            self._sync_chunks(arr, [(k,) for k in range(arr.shape[0])])
+            self._sync_chunks(name, arr, [(k,) for k in range(arr.shape[0])])
             return
         rows, cr = masks.shape[1], arr.chunks[1]
         r1 = r0 + rows
@@ -401,21 +469,22 @@ class MaskStore:
         with _quiet_zarr():
             arr[:, r0:r1] = masks
         rest = (0,) * (len(arr.shape) - 2)
-        self._sync_chunks(arr, [(k, c, *rest) for k in range(arr.shape[0])
-                                for c in range(r0 // cr, -(-r1 // cr))])
+        self._sync_chunks(name, arr, [(k, c, *rest) for k in range(arr.shape[0])
+                                      for c in range(r0 // cr, -(-r1 // cr))])
 
-    def _sync_chunks(self, arr, coords: list[tuple[int, ...]]) -> None:
+    def _sync_chunks(self, name: str, arr, coords: list[tuple[int, ...]]) -> None:
         """fsync the chunk files just written (zarr renames them into place but never
-        fsyncs), so a job is durable before the ledger records it."""
+        fsyncs), so a job is durable before the ledger records it; hash them meanwhile."""
         top = self.path / arr.path
         dirs = set()
+        sums = self._sums.setdefault(name, {})
         for c in coords:
-            f = top / arr.metadata.encode_chunk_key(c)
+            key = arr.metadata.encode_chunk_key(c)
+            f = top / key
+            fd = os.open(f, os.O_RDONLY)
             try:
-                fd = os.open(f, os.O_RDONLY)
-            except FileNotFoundError:
-                continue   # an all-False chunk: zarr stores nothing (reads give the fill value)
-            try:
+                data = _read_all(fd)
+                sums[key] = [len(data), xxhash.xxh3_64_hexdigest(data)]
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -428,11 +497,29 @@ class MaskStore:
 
     def read(self, name: str, task_index: int, r0: int | None = None,
              r1: int | None = None) -> np.ndarray:
+        """Rows [r0, r1) of one task's mask; MaskStoreError names a missing or garbage chunk."""
         arr = self._array(name)
-        with _quiet_zarr():
-            if len(arr.shape) == 1:
-                return np.asarray(arr[task_index])
-            return np.asarray(arr[task_index, slice(r0, r1)])
+        if len(arr.shape) == 1:
+            keys = [(task_index,)]
+        else:
+            cr, rows = arr.chunks[1], arr.shape[1]
+            a, b, _ = slice(r0, r1).indices(rows)
+            rest = (0,) * (len(arr.shape) - 2)
+            keys = [(task_index, c, *rest) for c in range(a // cr, -(-b // cr))] if b > a else []
+        top = self.path / arr.path
+        for c in keys:
+            key = arr.metadata.encode_chunk_key(c)
+            if not (top / key).is_file():
+                raise MaskStoreError(f"{top / key}: mask chunk missing (tensor {name!r}, "
+                                     f"task {task_index}); run `tadrop verify`, re-run `tadrop merge` to repair")
+        try:
+            with _quiet_zarr():
+                if len(arr.shape) == 1:
+                    return np.asarray(arr[task_index])
+                return np.asarray(arr[task_index, slice(r0, r1)])
+        except Exception as e:  # a chunk that does not decode
+            raise MaskStoreError(f"{top}: mask of tensor {name!r} (task {task_index}, rows {r0}:{r1}) "
+                                 f"unreadable: {type(e).__name__}: {e}") from None
 
     @property
     def attrs(self) -> dict:

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pipeline.checkpoints import TORCH_TO_ST, Checkpoint
-from pipeline.writers import (STATS_SCHEMA, MaskStore, ShardWriter, atomic_write_json, create_shard_files,
+from pipeline.writers import (STATS_SCHEMA, MaskStore, MaskStoreError, ShardWriter, atomic_write_json, create_shard_files,
                               decode_array_name, encode_array_name, plan_shards, write_index, write_stats)
 
 
@@ -243,10 +243,14 @@ def test_mask_create_is_idempotent(tmp_path):
     m = np.ones((2, 4, 4), bool)
     store.write("w", 4, m)
     store = MaskStore.create(tmp_path / "m.zarr", {**arrays, "v": (2, (3,), 3)}, {"tasks": ["a", "b"]})
-    assert store.read("w", 1, 4, 8).all() and not store.read("w", 1, 0, 4).any()
+    assert store.read("w", 1, 4, 8).all()
+    with pytest.raises(MaskStoreError, match="chunk missing"):   # never written: not read as False
+        store.read("w", 1, 0, 4)
     assert store.names() == ["v", "w"]
     store = MaskStore.create(tmp_path / "m.zarr", {"w": (2, (8, 4), 2)}, {})   # new layout: recreated
-    assert store.chunk_rows("w") == 2 and not store.read("w", 0).any()
+    assert store.chunk_rows("w") == 2
+    with pytest.raises(MaskStoreError, match="chunk missing"):
+        store.read("w", 0)
 
 
 def test_mask_writes_must_be_whole_chunks(tmp_path):
@@ -256,7 +260,7 @@ def test_mask_writes_must_be_whole_chunks(tmp_path):
     with pytest.raises(ValueError, match="whole chunks"):
         store.write("w", 4, np.zeros((2, 2, 4), bool))
     store.write("w", 8, np.ones((2, 2, 4), bool))          # the last, short chunk
-    store.write("w", 4, np.zeros((2, 4, 4), bool))         # all False: zarr writes no chunk file
+    store.write("w", 4, np.zeros((2, 4, 4), bool))         # all False: stored all the same
     store.write("w", 0, torch.ones(2, 8, 4, dtype=torch.bool))
     assert store.read("w", 0).all()
     with pytest.raises(ValueError, match="shape"):
