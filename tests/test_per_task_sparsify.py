@@ -14,7 +14,7 @@ from tadrop import (DARE, MemorySink, MemorySource, MergeSpec, TADrop, TopK, glo
 from tadrop.streamed import TensorPlan
 
 from conftest import write_config
-from test_pipeline_e2e import assert_close_cast, load_dir, reference
+from test_pipeline_e2e import load_dir
 
 NAMES = ("a", "b", "c")
 
@@ -87,10 +87,14 @@ def test_pipeline_per_model_sparsify_matches_reference(tmp_path, family, sparsif
     cfg = load_config(path)
     cfg = cfg.model_copy(update={"models": [m.model_copy(update={"sparsify": p}) for m, p in zip(cfg.models, per)]})
     merge(cfg, quiet=True)
-    base, ref = reference(family, cfg)
+    from pathlib import Path
+    from safetensors.torch import load_file
+    base = load_file(str(Path(family["base"]) / "model.safetensors"))
+    tasks = [load_file(str(Path(family[m.name]) / "model.safetensors")) for m in cfg.models]
+    ref = merge_state_dicts(build_spec(cfg), base, tasks)
     got = load_dir(tmp_path / "run" / "merged")
-    for name, want in ref.merged.items():
-        assert_close_cast(got[name], want, name)
+    for name, want in ref.merged.items():   # streamed vs whole-tensor maths: float32 rounding
+        torch.testing.assert_close(got[name].float(), want.to(got[name].dtype).float(), rtol=1e-6, atol=1e-6)
     spec = build_spec(cfg)
     assert spec.task_sparsifiers is not None and len({repr(p) for p in spec.task_sparsifiers}) == 3
 
