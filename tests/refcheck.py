@@ -12,10 +12,30 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.export import export_task
+from pipeline.plan import build_spec
 from pipeline.writers import MaskStore
-from tadrop.reference import task_model
+from tadrop.reference import merge_state_dicts, task_model
 
-from test_pipeline_e2e import assert_close_cast, load_dir, reference
+
+def load_dir(d: Path) -> dict[str, torch.Tensor]:
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    sd = {}
+    for f in sorted(set(index["weight_map"].values())):
+        sd.update(load_file(str(d / f)))
+    assert set(sd) == set(index["weight_map"])
+    return sd
+
+
+def reference(family: dict, cfg):
+    base = load_file(str(Path(family["base"]) / "model.safetensors"))
+    tasks = [load_file(str(Path(family[m.name]) / "model.safetensors")) for m in cfg.models]
+    return base, merge_state_dicts(build_spec(cfg), base, tasks)
+
+
+def assert_close_cast(got: torch.Tensor, want: torch.Tensor, name: str):
+    """Streamed and whole-tensor maths agree to float32 rounding; compared after the one final cast."""
+    want = want.to(got.dtype)
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
 def check_run(tmp_path: Path, family: dict, cfg, run: Path, *, exports: bool = True):
