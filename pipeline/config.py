@@ -22,7 +22,7 @@ DEFAULT_METHOD = "task_arithmetic"
 DEFAULT_LAMBDA = {"task_arithmetic": 0.3, "ties": 1.0}
 OVERRIDE_KEYS = ("output", "workers", "memory_budget", "executor")
 # Keys that do not change the output bytes (left out of identity()).
-NON_IDENTITY_KEYS = ("output", "workers", "executor", "ray", "device", "memory_budget")
+NON_IDENTITY_KEYS = ("output", "workers", "executor", "ray", "device", "memory_budget", "download")
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -80,11 +80,22 @@ class _Strict(BaseModel):
 
 
 class ModelEntry(_Strict):
+    """A fine-tune: `path` (a directory, a .safetensors file, or a repo id org/name[@revision]) holding
+    a full checkpoint or a PEFT adapter, or `adapter` (the same, always read as a LoRA adapter)."""
     name: str
-    path: Path
+    path: Path | str | None = None      # Path: a local path; str: a repo id
     weight: Float = 1.0
     # this task's own sparsifier parameter (topk: density, dare: p), like mergekit's per-model density
     sparsify: dict[str, Float] | None = None
+    adapter: Path | str | None = None
+    check_base: bool = True     # refuse an adapter whose base_model_name_or_path names another model
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelEntry":
+        if (self.path is None) == (self.adapter is None):
+            raise ValueError(f"model {self.name!r}: give exactly one of path (a checkpoint) or adapter "
+                             "(a LoRA adapter)")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -156,7 +167,7 @@ class MergeConfig(_Strict):
     """A validated merge config; paths are absolute, `lam` has the method default
     (task_arithmetic 0.3, ties 1.0; emr/tall_masks/consensus ignore it)."""
 
-    base: Path
+    base: Path | str    # Path: a directory, a .safetensors file or a repo id org/name[@revision]
     models: list[ModelEntry]
     method: Literal["task_arithmetic", "ties", "emr", "tall_masks", "consensus"] = DEFAULT_METHOD
     sparsify: Sparsify
@@ -176,6 +187,7 @@ class MergeConfig(_Strict):
     device: Literal["cpu", "cuda"] = "cpu"
     ray: RayConfig = Field(default_factory=RayConfig)
     clamp_overflow: bool = False   # float16 output: clamp out-of-range values (warning) instead of failing
+    download: bool = False   # fetch repo ids missing from the HF cache (safetensors/config/tokenizer only)
 
     @model_validator(mode="before")
     @classmethod
@@ -198,17 +210,23 @@ class MergeConfig(_Strict):
     def _size(cls, v: Any) -> int:
         return parse_size(v)
 
-    @field_validator("base", "output", mode="after")
+    @field_validator("output", mode="after")
     @classmethod
     def _abs(cls, v: Path) -> Path:
         return _absolute(v)
+
+    @field_validator("base", mode="after")
+    @classmethod
+    def _base_ref(cls, v: Path | str) -> Path | str:
+        return _input_ref(v)
 
     @field_validator("models", mode="after")
     @classmethod
     def _models(cls, v: list[ModelEntry]) -> list[ModelEntry]:
         if not v:
             raise ValueError("at least one fine-tuned model is required (K=0)")
-        return [m.model_copy(update={"path": _absolute(m.path)}) for m in v]
+        return [m.model_copy(update={k: _input_ref(getattr(m, k)) for k in ("path", "adapter")
+                                     if getattr(m, k) is not None}) for m in v]
 
     @model_validator(mode="after")
     def _cross(self) -> "MergeConfig":
@@ -271,6 +289,9 @@ class MergeConfig(_Strict):
         for m in d["models"]:
             if m.get("sparsify") is None:   # runs from before per-model sparsify keep their identity
                 m.pop("sparsify", None)
+            for key, default in (("path", None), ("adapter", None), ("check_base", True)):
+                if m.get(key, default) == default:   # input keys at their defaults: absent, as before
+                    m.pop(key, None)
         if self.method not in DEFAULT_LAMBDA:
             d["lambda"] = None
         if self.method != "emr":
@@ -307,6 +328,13 @@ def task_sparsify(sp: Any, override: dict, where: str = "models.N.sparsify") -> 
 
 def _absolute(p: Path) -> Path:
     return Path(os.path.abspath(os.path.expanduser(str(p))))
+
+
+def _input_ref(ref: Path | str) -> Path | str:
+    """An input as written: a repo id (org/name[@rev], not an existing path) stays a str; a path
+    becomes an absolute Path."""
+    from .sources.hub import parse_repo_id
+    return ref if isinstance(ref, str) and parse_repo_id(ref) is not None else _absolute(Path(ref))
 
 
 def _canonical(obj: Any) -> Any:

@@ -15,6 +15,7 @@ import torch
 from tadrop import methods
 
 from . import integrity
+from . import sources
 from .checkpoints import Checkpoint
 from .config import MergeConfig
 from .job import TORCH_DTYPES, JobError, check_float16
@@ -54,7 +55,9 @@ def _check_output(output: Path, run_dir: Path, cfg: MergeConfig) -> None:
     if out_abs == run_abs or any(out_abs.is_relative_to(run_abs / d) for d in
                                  (".tadrop", "merged", "unified", "masks.zarr")):
         raise ExportError(f"export output {output} is the run directory or inside its outputs")
-    for what, p in [("the input " + m.name, m.path) for m in cfg.models] + [("the base", cfg.base)]:
+    for what, p in [("the input " + m.name, m.path or m.adapter) for m in cfg.models] + [("the base", cfg.base)]:
+        if sources.parse_repo_id(str(p)) is not None:
+            continue                # a repo id: its files live in the Hugging Face cache
         root = Path(p).resolve()   # a model dir (a single .safetensors input has no dir of its own)
         if out_abs == root or (root.is_dir() and out_abs.is_relative_to(root)):
             raise ExportError(f"export output {output} is inside {what} ({root}): choose another path")
@@ -95,7 +98,7 @@ def export_task(run_dir: Path, task: str, output: Path, shard_size: int | None =
 
 
 def _write_task_model(run_dir: Path, cfg: MergeConfig, k: int, tmp: Path, shard_size: int) -> None:
-    base = Checkpoint.open(cfg.base, "base")
+    base = sources.open_base(cfg.base, download=cfg.download)
     unified = Checkpoint.open(run_dir / "unified", "unified")
     store = MaskStore.open(run_dir / "masks.zarr")
     attrs = store.attrs

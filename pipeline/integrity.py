@@ -453,12 +453,13 @@ def verify(run_dir: str | os.PathLike, *, inputs: bool = False, hash_inputs: boo
 # -- inputs ------------------------------------------------------------------------------------------------
 def input_files(config: dict) -> dict[str, Path]:
     """label ('base/model.safetensors', 'math/model.safetensors' ...) -> path, from a run's config."""
-    from .checkpoints import Checkpoint
+    from .sources import open_recorded
     out = {}
-    entries = [("base", config["base"]), *[(m["name"], m["path"]) for m in config["models"]]]
+    entries = [("base", config["base"]), *[(m["name"], m.get("path") or m.get("adapter")) for m in config["models"]]]
     for name, path in entries:
-        ck = Checkpoint.open(path, name)
-        for f in ck.files + ([ck.index_file] if ck.index_file else []):
+        ck = open_recorded(path, name)
+        index = getattr(ck, "index_file", None)
+        for f in ck.files + ([index] if index else []):
             out[f"{name}/{f.name}"] = f
     return out
 
@@ -470,13 +471,15 @@ def hash_inputs(config: dict) -> dict[str, str]:
 
 def check_inputs(rec: dict, rep: Report, *, hash_inputs: bool) -> None:
     """Compare the inputs with what the run recorded: fingerprints always, full hashes on request."""
-    from .checkpoints import Checkpoint, CheckpointError
+    from .checkpoints import CheckpointError
+    from .sources import fingerprint, open_recorded
     cfg = rec.get("config", {})
     fps = rec.get("inputs", {})
-    entries = [("base", cfg.get("base")), *[(m.get("name"), m.get("path")) for m in cfg.get("models", [])]]
+    entries = [("base", cfg.get("base")), *[(m.get("name"), m.get("path") or m.get("adapter"))
+                                            for m in cfg.get("models", [])]]
     for name, path in entries:
         try:
-            now = Checkpoint.open(path, name).fingerprint()
+            now = fingerprint(open_recorded(path, name))
         except (CheckpointError, OSError) as e:
             rep.add(f"input {name}: {e}")
             continue
@@ -484,7 +487,8 @@ def check_inputs(rec: dict, rep: Report, *, hash_inputs: bool) -> None:
             got = now.get(fname)
             if got != fp:
                 what = "missing" if got is None else ", ".join(
-                    k for k in ("size", "mtime_ns", "header_sha256") if got.get(k) != fp.get(k))
+                    k for k in ("size", "mtime_ns", "header_sha256", "sha256", "commit")
+                    if isinstance(got, dict) and isinstance(fp, dict) and got.get(k) != fp.get(k)) or "changed"
                 rep.add(f"input {name}/{fname}: changed since the merge ({what})")
     if hash_inputs:
         want = rec.get("input_hashes")

@@ -20,6 +20,7 @@ from .checkpoints import Checkpoint
 from .faults import write_fault
 from .globalstats import (EXTRA_FILE, SELECTED_FILE, VALUES_FILE, job_file, load_ranks, load_selectors,
                           load_values, save_selectors)
+from .sources import RowSource as _Source
 from .writers import MaskStore, ShardPlan, ShardWriter
 
 TORCH_DTYPES = {
@@ -74,7 +75,7 @@ class RunContext:
 
     state_dir: Path
     base: Checkpoint
-    models: tuple[Checkpoint, ...]
+    models: tuple                          # Checkpoint (theta_k) or sources.LoraAdapter (tau_k)
     spec: MergeSpec
     tensor_plans: dict[str, TensorPlan]
     merged_plan: ShardPlan | None          # None when the method writes no merged/
@@ -102,39 +103,6 @@ class RunContext:
     @property
     def global_dir(self) -> Path:
         return self.state_dir / "global"
-
-
-class _Source:
-    """A tensor of the K+1 checkpoints as row ranges of read-only mmap views (never written)."""
-
-    def __init__(self, base: Checkpoint, models: tuple[Checkpoint, ...], name: str):
-        self._base, self._models, self._name = base, models, name
-        info = base.tensors[name]
-        self.shape = tuple(info.shape)
-        self.rows = self.shape[0] if self.shape else 1
-        self.row_numel = int(np.prod(self.shape[1:])) if len(self.shape) > 1 else 1
-        self._last: tuple[Checkpoint, int, int] | None = None
-
-    def _view(self, ckpt: Checkpoint, r0: int, r1: int) -> torch.Tensor:
-        # The engine copies each view into its float32 buffers before asking for the next, so the
-        # previous view's pages can leave this process: mapped input stays at one view at a time.
-        self.release()
-        self._last = (ckpt, r0, r1)
-        if not self.shape:  # a 0-d tensor is one row of one element
-            return ckpt.view(self._name).reshape(1)
-        return ckpt.view(self._name, r0, r1)
-
-    def release(self) -> None:
-        if self._last is not None:
-            ckpt, r0, r1 = self._last
-            ckpt.release(self._name, r0, r1)
-            self._last = None
-
-    def base(self, r0: int, r1: int) -> torch.Tensor:
-        return self._view(self._base, r0, r1)
-
-    def task(self, k: int, r0: int, r1: int) -> torch.Tensor:
-        return self._view(self._models[k], r0, r1)
 
 
 class _Sink:

@@ -13,6 +13,7 @@ import numpy as np
 from tadrop import DARE, Identity, MergeSpec, TADrop, TopK, TensorPlan
 from tadrop import streamed
 
+from . import sources
 from .checkpoints import Checkpoint, InputTable
 from .config import MergeConfig, task_sparsify
 from .job import Job
@@ -130,7 +131,7 @@ def make_plan(cfg: MergeConfig, base: Checkpoint, models: list[Checkpoint], tabl
     engine_budget = budget - min(RUNTIME_RESERVE, budget // 4)
     for name in table.merge:
         shape = tuple(base.tensors[name].shape) or (1,)
-        mapped = max(c.tensors[name].itemsize for c in (base, *models))
+        mapped = max(sources.mapped_itemsize(c, name) for c in (base, *models))
         try:
             tp = streamed.plan_tensor(spec, shape, k, engine_budget, name=name,
                                       source_bytes_per_element=mapped)
@@ -169,7 +170,7 @@ def make_plan(cfg: MergeConfig, base: Checkpoint, models: list[Checkpoint], tabl
     )
 
     def input_bytes(name: str) -> int:
-        return base.tensors[name].nbytes + sum(m.tensors[name].nbytes for m in models)
+        return base.tensors[name].nbytes + sum(sources.input_bytes(m, name) for m in models)
 
     merge_jobs = [Job("merge", n, input_bytes(n)) for n in table.merge]
     merge_jobs += [Job("copy", n, base.tensors[n].nbytes) for n in copy]

@@ -21,8 +21,8 @@ import numpy as np
 
 from tadrop import streamed
 
-from . import integrity
-from .checkpoints import Checkpoint, validate_inputs
+from . import integrity, sources
+from .checkpoints import Checkpoint, CheckpointError, _summarize, validate_inputs
 from .config import MergeConfig
 from .executor import Executor, LocalExecutor, WorkerLost
 from .faults import crash_point
@@ -47,7 +47,7 @@ class RunError(RuntimeError):
 
 # -- identity ----------------------------------------------------------------------------------------
 def fingerprints(base: Checkpoint, models: list[Checkpoint]) -> dict:
-    return {"base": base.fingerprint(), **{m.name: m.fingerprint() for m in models}}
+    return {"base": sources.fingerprint(base), **{m.name: sources.fingerprint(m) for m in models}}
 
 
 def run_identity(cfg: MergeConfig, fps: dict) -> str:
@@ -77,7 +77,8 @@ def _differences(old: dict, new: dict, what: str) -> list[str]:
 
 # -- output directory --------------------------------------------------------------------------------
 def _input_roots(cfg: MergeConfig) -> list[Path]:
-    return [Path(p).resolve() for p in [cfg.base, *[m.path for m in cfg.models]]]
+    refs = [cfg.base, *[m.path or m.adapter for m in cfg.models]]
+    return [Path(p).resolve() for p in refs if sources.parse_repo_id(str(p)) is None]   # repo ids: the HF cache
 
 
 def check_output_dir(cfg: MergeConfig) -> Path:
@@ -141,9 +142,14 @@ def versions() -> dict:
 
 
 # -- the merge -----------------------------------------------------------------------------------------
-def open_inputs(cfg: MergeConfig) -> tuple[Checkpoint, list[Checkpoint]]:
-    base = Checkpoint.open(cfg.base, "base")
-    models = [Checkpoint.open(m.path, m.name) for m in cfg.models]
+def open_inputs(cfg: MergeConfig) -> tuple[Checkpoint, list]:
+    """The base and the K fine-tunes (checkpoints or LoRA adapters), adapters bound to the base."""
+    base, models = sources.open_inputs(cfg)
+    problems = sources.check_adapters(cfg, base, models)
+    if len(problems) == 1:
+        raise CheckpointError(problems[0])
+    if problems:
+        raise CheckpointError(_summarize("adapters do not fit the base", problems))
     return base, models
 
 

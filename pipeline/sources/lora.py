@@ -1,0 +1,251 @@
+"""A LoRA adapter (PEFT layout) as a fine-tune: its task vector, computed per row chunk in float32.
+
+For a targeted weight, tau = scaling * B @ A (SPEC section 5), transposed for `fan_in_fan_out`
+and for embeddings, exactly what peft's `merge_and_unload()` adds to the base
+(peft/tuners/lora/layer.py, Linear.get_delta_weight and Embedding.get_delta_weight); scaling =
+alpha / r, or alpha / sqrt(r) with `use_rslora`, with r and alpha per module from
+`rank_pattern` / `alpha_pattern` (peft/utils/other.py get_pattern_key). A saved full tensor
+(`modules_to_save`, trained biases, an embedding's saved `base_layer`) gives tau = saved - base.
+Every other tensor has tau = 0. Nothing the size of the base tensor is ever held beyond one chunk.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoints import Checkpoint, CheckpointError, TensorInfo
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+# config flags of LoRA variants whose merge is not B @ A: refused before any work
+_VARIANTS = {
+    "use_dora": "DoRA (use_dora: true)",
+    "layer_replication": "layer_replication",
+    "target_parameters": "LoRA on parameters (target_parameters)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "use_qalora": "QA-LoRA (use_qalora: true)",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "use_bdlora": "BD-LoRA (use_bdlora)",
+    "arrow_config": "Arrow routing (arrow_config)",
+}
+
+
+class AdapterError(CheckpointError):
+    """An adapter that cannot be used as a fine-tune; names the adapter (and module)."""
+
+
+@dataclass(frozen=True)
+class _Piece:
+    kind: str              # 'lora' (scaling * B @ A), 'bias' (scaling * B.bias), 'replace' (saved - base)
+    a: str | None = None   # adapter tensor names
+    b: str | None = None
+    scaling: float = 1.0
+    transposed: bool = False
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / CONFIG_NAME).is_file()
+
+
+def pattern_value(patterns: dict, module: str, default):
+    """peft's get_pattern_key: the first pattern (in the config's order) matching the module name's tail."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return patterns[key]
+    return default
+
+
+class LoraAdapter:
+    """One adapter directory; `bind(base)` maps its tensors onto the base's, `delta` gives tau rows."""
+
+    is_adapter = True
+
+    def __init__(self, name: str, root: Path, origin: dict | None = None):
+        self.name, self.root = name, Path(root)
+        self.origin = origin
+        cfg_path = self.root / CONFIG_NAME
+        try:
+            self.config = json.loads(cfg_path.read_text())
+            if not isinstance(self.config, dict):
+                raise ValueError("not a JSON object")
+        except FileNotFoundError:
+            raise AdapterError(f"{cfg_path}: no such file (adapter {name!r})") from None
+        except (OSError, ValueError) as e:
+            raise AdapterError(f"{cfg_path}: unreadable adapter config ({e}) (adapter {name!r})") from None
+        self._check_type()
+        weights = self.root / WEIGHTS_NAME
+        if not weights.is_file():
+            found = sorted(p.name for p in self.root.iterdir() if p.name.startswith("adapter_model"))
+            raise AdapterError(f"{self.root}: no {WEIGHTS_NAME} (adapter {name!r}); found: "
+                               f"{', '.join(found) or 'none'}"
+                               + ("; convert the .bin adapter to safetensors" if found else ""))
+        self.weights = Checkpoint.open(weights, name)
+        self.files = self.weights.files
+        self.pieces: dict[str, list[_Piece]] = {}
+
+    # -- what kind of adapter ------------------------------------------------------------------------
+    def _check_type(self) -> None:
+        c, where = self.config, f"adapter {self.name!r} ({self.root})"
+        ptype = c.get("peft_type")
+        if ptype != "LORA":
+            raise AdapterError(f"{where}: PEFT type {ptype!r} is not supported; only LORA adapters "
+                               "(tau = scaling * B @ A) can be merged")
+        for key, what in _VARIANTS.items():
+            if c.get(key):
+                raise AdapterError(f"{where}: {what} is not supported: its merge is not scaling * B @ A")
+        if c.get("use_rslora") and not isinstance(c.get("use_rslora"), bool):
+            raise AdapterError(f"{where}: use_rslora must be true or false")
+        for key in ("r", "lora_alpha"):
+            v = c.get(key)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+                raise AdapterError(f"{where}: {key} must be a positive number, got {v!r}")
+
+    @property
+    def base_model_name(self) -> str | None:
+        return self.config.get("base_model_name_or_path") or None
+
+    def _scaling(self, module: str) -> tuple[int, float]:
+        c = self.config
+        r = pattern_value(c.get("rank_pattern") or {}, module, c["r"])
+        alpha = pattern_value(c.get("alpha_pattern") or {}, module, c["lora_alpha"])
+        return r, (alpha / math.sqrt(r) if c.get("use_rslora") else alpha / r)
+
+    # -- mapping onto the base --------------------------------------------------------------------------
+    def bind(self, base: Checkpoint) -> list[str]:
+        """Map every adapter tensor onto a base tensor; returns the problems (empty when usable)."""
+        problems: list[str] = []
+        where = f"adapter {self.name!r}"
+        keys = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): k for k in self.weights.tensors}
+        modules: dict[str, dict[str, str]] = {}
+        pieces: dict[str, list[_Piece]] = {}
+        for short, key in sorted(keys.items()):
+            for suffix, role in ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_B.bias", "Bb"),
+                                 (".lora_embedding_A", "eA"), (".lora_embedding_B", "eB")):
+                if short.endswith(suffix):
+                    modules.setdefault(short[:-len(suffix)], {})[role] = key
+                    break
+            else:
+                if "lora_magnitude_vector" in short:
+                    raise AdapterError(f"{where}: tensor {key!r} is a DoRA magnitude vector: DoRA is "
+                                       "not supported")
+                target = short.replace(".base_layer.", ".")
+                if target in base.tensors:
+                    pieces.setdefault(target, []).append(_Piece("replace", a=key))
+                else:
+                    problems.append(f"{where}: tensor {key!r} matches no tensor of the base "
+                                    f"(looked for {target!r})")
+        fan = bool(self.config.get("fan_in_fan_out"))
+        for module, roles in sorted(modules.items()):
+            r, scaling = self._scaling(module)
+            emb = "eA" in roles or "eB" in roles
+            a, b = (roles.get("eA"), roles.get("eB")) if emb else (roles.get("A"), roles.get("B"))
+            wname = f"{module}.weight"
+            if a is None or b is None:
+                problems.append(f"{where}: module {module!r} has only one of lora_A / lora_B")
+                continue
+            if wname not in base.tensors:
+                problems.append(f"{where}: module {module!r} targets {wname!r}, which the base does not have")
+                continue
+            ai, bi, wi = self.weights.tensors[a], self.weights.tensors[b], base.tensors[wname]
+            problem = self._shape_problem(module, ai, bi, wi, r, emb, fan)
+            if problem:
+                problems.append(f"{where}: {problem}")
+                continue
+            pieces.setdefault(wname, []).append(_Piece("lora", a, b, float(scaling), emb or fan))
+            if "Bb" in roles:
+                bname = f"{module}.bias"
+                bb = self.weights.tensors[roles["Bb"]]
+                if bname not in base.tensors or base.tensors[bname].shape != bb.shape:
+                    problems.append(f"{where}: module {module!r}: lora_B.bias {list(bb.shape)} does not fit "
+                                    f"the base's {bname!r}"
+                                    + (f" {list(base.tensors[bname].shape)}" if bname in base.tensors else
+                                       " (absent)"))
+                else:
+                    pieces.setdefault(bname, []).append(_Piece("bias", b=roles["Bb"], scaling=float(scaling)))
+        for target, ps in pieces.items():
+            for p in ps:
+                if p.kind == "replace":
+                    si, wi = self.weights.tensors[p.a], base.tensors[target]
+                    if si.shape != wi.shape:
+                        problems.append(f"{where}: saved tensor {p.a!r} has shape {list(si.shape)} but the "
+                                        f"base's {target!r} has {list(wi.shape)}")
+                    elif not si.is_float or not wi.is_float:
+                        problems.append(f"{where}: saved tensor {p.a!r} is {si.dtype}, the base's "
+                                        f"{target!r} {wi.dtype}: only floating tensors are merged")
+        self.pieces = pieces
+        return problems
+
+    @staticmethod
+    def _shape_problem(module, ai: TensorInfo, bi: TensorInfo, wi: TensorInfo, r, emb, fan) -> str | None:
+        if len(ai.shape) != 2 or len(bi.shape) != 2:
+            return (f"module {module!r}: lora_A {list(ai.shape)} / lora_B {list(bi.shape)} are not matrices "
+                    "(LoRA on convolutions is not supported)")
+        if ai.shape[0] != bi.shape[1] or ai.shape[0] != r:
+            return (f"module {module!r}: lora_A {list(ai.shape)} and lora_B {list(bi.shape)} do not have "
+                    f"the rank r={r} of the config (r / rank_pattern)")
+        # tau = B @ A has shape [B rows, A cols]; transposed for embeddings and fan_in_fan_out
+        want = (ai.shape[1], bi.shape[0]) if (emb or fan) else (bi.shape[0], ai.shape[1])
+        if tuple(wi.shape) != want:
+            return (f"module {module!r}: lora_A {list(ai.shape)} and lora_B {list(bi.shape)} give a "
+                    f"{list(want)} update{' (transposed)' if emb or fan else ''} but the base's "
+                    f"{wi.name!r} is {list(wi.shape)}")
+        return None
+
+    # -- reading -------------------------------------------------------------------------------------------
+    def touched(self, name: str) -> bool:
+        return name in self.pieces
+
+    def input_bytes(self, name: str) -> int:
+        """Adapter bytes read to produce this tensor's tau (all of A, B or the saved tensor)."""
+        t = self.weights.tensors
+        return sum((t[p.a].nbytes if p.a else 0) + (t[p.b].nbytes if p.b else 0)
+                   for p in self.pieces.get(name, ()))
+
+    def delta(self, name: str, shape: tuple, r0: int, r1: int, base: Checkpoint) -> torch.Tensor:
+        """float32 rows [r0, r1) of tau for base tensor `name` (zeros where the adapter has none)."""
+        rows_shape = (r1 - r0, *shape[1:]) if shape else (1,)
+        out = torch.zeros(rows_shape, dtype=torch.float32)
+        w = self.weights
+        for p in self.pieces.get(name, ()):
+            if p.kind == "replace":
+                saved = w.view(p.a).reshape(1) if not shape else w.view(p.a, r0, r1)
+                b0 = base.view(name).reshape(1) if not shape else base.view(name, r0, r1)
+                out += saved.float() - b0.float()
+            elif p.kind == "bias":
+                out += w.view(p.b, r0, r1).float() * p.scaling
+            elif p.transposed:    # (B @ A).T rows r0:r1 = A[:, r0:r1].T @ B.T
+                a = w.view(p.a).float()[:, r0:r1]
+                out += (a.t() @ w.view(p.b).float().t()) * p.scaling
+            else:                 # rows r0:r1 of B @ A
+                out += (w.view(p.b, r0, r1).float() @ w.view(p.a).float()) * p.scaling
+        return out
+
+    # -- the Checkpoint-like surface the pipeline uses -----------------------------------------------------
+    def release(self, name: str | None = None, r0=None, r1=None) -> None:
+        for p in self.pieces.get(name, ()):
+            for t in (p.a, p.b):
+                if t:
+                    self.weights.release(t)
+
+    def fingerprint(self) -> dict:
+        fp = self.weights.fingerprint()
+        cfg = self.root / CONFIG_NAME
+        import hashlib
+        fp[CONFIG_NAME] = {"size": cfg.stat().st_size, "mtime_ns": cfg.stat().st_mtime_ns,
+                           "sha256": hashlib.sha256(cfg.read_bytes()).hexdigest()}
+        return fp
+
+    def non_weight_files(self) -> list[Path]:
+        return []
+
+    def close(self) -> None:
+        self.weights.close()
+
+    def __repr__(self) -> str:
+        return f"LoraAdapter({self.name!r}, {str(self.root)!r}, {len(self.pieces)} tensors touched)"
