@@ -371,12 +371,12 @@ class InputTable:
 
 
 def validate_inputs(base: Checkpoint, models: list[Checkpoint],
-                    passthrough: list[str]) -> InputTable:
+                    passthrough: list[str], extended: frozenset = frozenset()) -> InputTable:
     """Which tensors are merged and which copied; every mismatch reported at once.
 
     Adapters (pipeline.sources.LoraAdapter) cover every base tensor (tau = 0 where they have
     none) and are checked against the base by their own `bind`, so only full checkpoints are
-    compared here."""
+    compared here. `extended`: vocabulary tensors (pipeline.sources.vocab) whose row counts may differ."""
     models = [m for m in models if not getattr(m, "is_adapter", False)]
 
     def passed(n: str) -> bool:
@@ -389,7 +389,8 @@ def validate_inputs(base: Checkpoint, models: list[Checkpoint],
             continue
         missing = [m.name for m in models if name not in m.tensors]
         shapes = [f"{m.name} {list(m.tensors[name].shape)}" for m in models
-                  if name in m.tensors and m.tensors[name].shape != b.shape]
+                  if name in m.tensors and m.tensors[name].shape != b.shape
+                  and not (name in extended and m.tensors[name].shape[1:] == b.shape[1:])]
         kinds = [f"{m.name} {m.tensors[name].dtype}" for m in models
                  if name in m.tensors and m.tensors[name].is_float != b.is_float]
         if missing:

@@ -188,6 +188,7 @@ class MergeConfig(_Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
     clamp_overflow: bool = False   # float16 output: clamp out-of-range values (warning) instead of failing
     download: bool = False   # fetch repo ids missing from the HF cache (safetensors/config/tokenizer only)
+    tokenizer_source: str = "base"   # the output vocabulary: base | union | a model's name (SPEC 5)
 
     @model_validator(mode="before")
     @classmethod
@@ -235,6 +236,9 @@ class MergeConfig(_Strict):
             if n in names[:i]:
                 raise ValueError(f"models.{i}.name: duplicate task name {n!r} "
                                  f"(also models.{names.index(n)}.name)")
+        if self.tokenizer_source not in ("base", "union", *names):
+            raise ValueError(f"tokenizer_source: {self.tokenizer_source!r} is not base, union or a model name "
+                             f"({', '.join(names)})")
         sp = self.sparsify
         if isinstance(sp, SparsifyTADrop) and not sp.a < sp.b:
             raise ValueError(f"sparsify.a: must be < sparsify.b (0 <= a < b <= 1), "
@@ -286,6 +290,8 @@ class MergeConfig(_Strict):
         d = self.to_json()
         for k in NON_IDENTITY_KEYS:
             d.pop(k)
+        if d.get("tokenizer_source") == "base":   # the default: absent, as before the key existed
+            d.pop("tokenizer_source")
         for m in d["models"]:
             if m.get("sparsify") is None:   # runs from before per-model sparsify keep their identity
                 m.pop("sparsify", None)

@@ -100,6 +100,7 @@ def export_task(run_dir: Path, task: str, output: Path, shard_size: int | None =
 def _write_task_model(run_dir: Path, cfg: MergeConfig, k: int, tmp: Path, shard_size: int) -> None:
     base = sources.open_base(cfg.base, download=cfg.download)
     unified = Checkpoint.open(run_dir / "unified", "unified")
+    vocab = _vocab(cfg, base, unified)
     store = MaskStore.open(run_dir / "masks.zarr")
     attrs = store.attrs
     if cfg.method == "emr":
@@ -117,7 +118,8 @@ def _write_task_model(run_dir: Path, cfg: MergeConfig, k: int, tmp: Path, shard_
         dtype = info.dtype
         if name in unified.tensors and cfg.output_dtype:
             dtype = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[cfg.output_dtype]
-        entries.append((name, dtype, tuple(info.shape)))
+        entries.append((name, dtype, tuple(unified.tensors[name].shape) if name in unified.tensors
+                        else tuple(info.shape)))
     plan = plan_shards(entries, shard_size)
     create_shard_files(plan, tmp)
     writer = ShardWriter(plan, tmp)
@@ -134,7 +136,8 @@ def _write_task_model(run_dir: Path, cfg: MergeConfig, k: int, tmp: Path, shard_
             task_model = task_model_of(name)
             for r0 in range(0, rows, step):
                 r1 = min(rows, r0 + step)
-                theta0 = _rows(base, name, shape, r0, r1).float()
+                theta0 = (sources.RowSource(base, vocab[1], name, vocab[0]).base(r0, r1)
+                          if vocab and name in vocab[0].rows else _rows(base, name, shape, r0, r1)).float()
                 vec = _rows(unified, name, shape, r0, r1).float()
                 mask = torch.from_numpy(store.read(name, k, r0, r1)).reshape(vec.shape)
                 theta = task_model(theta0, vec, mask)
@@ -155,7 +158,18 @@ def _write_task_model(run_dir: Path, cfg: MergeConfig, k: int, tmp: Path, shard_
     write_index(plan, tmp)
     for f in base.non_weight_files():
         shutil.copy2(f, tmp / f.name)
+    if vocab:
+        vocab[0].write_files(tmp)
     fsync_dir(tmp)
+
+
+def _vocab(cfg: MergeConfig, base: Checkpoint, unified: Checkpoint):
+    """(Vocab, models) when the run's unified tensors have more rows than the base (an extended
+    vocabulary, SPEC 5: the base rows there are the mean of the models' rows), else None."""
+    if not any(n in base.tensors and unified.tensors[n].shape != base.tensors[n].shape for n in unified.tensors):
+        return None
+    _, models = sources.open_inputs(cfg)
+    return sources.plan_vocab(cfg, base, models), tuple(models)
 
 
 def _rows(ckpt: Checkpoint, name: str, shape: tuple, r0: int, r1: int) -> torch.Tensor:

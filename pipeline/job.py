@@ -87,6 +87,7 @@ class RunContext:
     torch_threads: int = 1
     model_scope: bool = False              # merge jobs read per-task values from global/values.npz
     clamp_overflow: bool = False           # float16 output: clamp (with a warning) instead of failing
+    vocab: object = None                   # sources.vocab.Vocab when the vocabulary is extended
 
     @property
     def merged_dir(self) -> Path:
@@ -167,7 +168,7 @@ class JobRunner:
 
     # -- helpers ---------------------------------------------------------------------------------
     def _source(self, name: str) -> _Source:
-        return _Source(self.ctx.base, self.ctx.models, name)
+        return _Source(self.ctx.base, self.ctx.models, name, self.ctx.vocab)
 
     def _selected(self) -> list[AbsSelector]:
         """Model scope: the merged hi histograms, written by the driver between the two passes."""

@@ -101,6 +101,7 @@ class Plan:
     model_scope: bool
     shapes: dict[str, tuple[int, ...]]
     jobs: dict[str, list[Job]] = field(default_factory=dict)   # phase -> jobs, largest first
+    vocab: object = None                   # sources.vocab.Vocab of an extended vocabulary, else None
 
     @property
     def all_jobs(self) -> list[Job]:
@@ -122,16 +123,25 @@ class Plan:
         }
 
 
-def make_plan(cfg: MergeConfig, base: Checkpoint, models: list[Checkpoint], table: InputTable) -> Plan:
+def make_plan(cfg: MergeConfig, base: Checkpoint, models: list[Checkpoint], table: InputTable,
+              vocab=None) -> Plan:
+    """`vocab` (sources.vocab.Vocab): extended vocabulary tensors get the output's row count."""
     spec = build_spec(cfg)
+
+    def out_shape(name: str) -> tuple:
+        s = tuple(base.tensors[name].shape)
+        return vocab.shape(name, s) if vocab is not None and vocab.extended else s
+
     k = len(models)
     budget = int(cfg.memory_budget)
     method = cfg.method
     tensor_plans: dict[str, TensorPlan] = {}
     engine_budget = budget - min(RUNTIME_RESERVE, budget // 4)
     for name in table.merge:
-        shape = tuple(base.tensors[name].shape) or (1,)
+        shape = out_shape(name) or (1,)
         mapped = max(sources.mapped_itemsize(c, name) for c in (base, *models))
+        if vocab is not None and name in vocab.rows:
+            mapped += 12     # the extended base rows: a float64 sum and the float32 mean
         try:
             tp = streamed.plan_tensor(spec, shape, k, engine_budget, name=name,
                                       source_bytes_per_element=mapped)
@@ -154,10 +164,10 @@ def make_plan(cfg: MergeConfig, base: Checkpoint, models: list[Checkpoint], tabl
         for name in sorted([*table.merge, *copy]):
             info = base.tensors[name]
             dtype = _DTYPE_CODES[merged_dtypes[name]] if name in merged_dtypes else info.dtype
-            entries.append((name, dtype, tuple(info.shape)))
+            entries.append((name, dtype, out_shape(name)))
         merged_plan = plan_shards(entries, int(cfg.shard_size))
     if method in UNIFIED_METHODS:
-        entries = [(n, _DTYPE_CODES[unified_dtypes[n]], tuple(base.tensors[n].shape)) for n in sorted(table.merge)]
+        entries = [(n, _DTYPE_CODES[unified_dtypes[n]], out_shape(n)) for n in sorted(table.merge)]
         unified_plan = plan_shards(entries, int(cfg.shard_size))
 
     model_scope = getattr(spec.sparsifier, "scope", "tensor") != "tensor" and spec.sparsifier.needs_fit
@@ -166,7 +176,7 @@ def make_plan(cfg: MergeConfig, base: Checkpoint, models: list[Checkpoint], tabl
         merged_plan=merged_plan, unified_plan=unified_plan, merged_dtypes=merged_dtypes,
         unified_dtypes=unified_dtypes,
         write_masks=method in MASK_METHODS, model_scope=model_scope,
-        shapes={n: tuple(base.tensors[n].shape) for n in table.merge},
+        shapes={n: out_shape(n) for n in table.merge}, vocab=vocab,
     )
 
     def input_bytes(name: str) -> int:

@@ -74,6 +74,8 @@ def reduce_run(out_dir: Path, state: Path, plan: Plan, cfg: MergeConfig, base: C
             write_index(plan.merged_plan, d)
             for f in base.non_weight_files():
                 shutil.copy2(f, d / f.name)
+            if plan.vocab is not None:   # an extended vocabulary: its tokenizer and vocab_size
+                plan.vocab.write_files(d)
             fsync_dir(d)
         if plan.unified_plan:
             write_index(plan.unified_plan, state / "unified.partial")

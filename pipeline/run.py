@@ -205,8 +205,9 @@ def merge(cfg: MergeConfig, *, dry_run: bool = False, quiet: bool = False,
     t_start = time.time()
     out_dir = check_output_dir(cfg)
     base, models = open_inputs(cfg)
-    table = validate_inputs(base, models, cfg.passthrough)
-    plan = make_plan(cfg, base, models, table)
+    vocab = sources.plan_vocab(cfg, base, models)
+    table = validate_inputs(base, models, cfg.passthrough, frozenset(vocab.rows) if vocab else frozenset())
+    plan = make_plan(cfg, base, models, table, vocab=vocab)
     if dry_run:
         print(describe(plan, base), file=out)
         return None
@@ -267,6 +268,7 @@ def _merge_locked(cfg: MergeConfig, plan: Plan, base: Checkpoint, models: list[C
         merged_dtypes=plan.merged_dtypes, unified_dtypes=plan.unified_dtypes,
         write_masks=plan.write_masks, device=cfg.device, model_scope=plan.model_scope,
         clamp_overflow=cfg.clamp_overflow,
+        vocab=plan.vocab if plan.vocab is not None and plan.vocab.extended else None,
     )
     own_executor = executor is None
     if own_executor:

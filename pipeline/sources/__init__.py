@@ -13,9 +13,11 @@ from ..checkpoints import Checkpoint, CheckpointError
 from .hub import HubError, Snapshot, parse_repo_id, resolve
 from .lora import AdapterError, LoraAdapter, is_adapter_dir
 from .rows import RowSource, is_adapter
+from .vocab import Vocab, VocabError, plan_vocab
 
 __all__ = ["AdapterError", "HubError", "LoraAdapter", "RowSource", "Snapshot", "is_adapter", "open_inputs",
-           "open_base", "local_path", "fingerprint", "check_adapters", "input_bytes", "mapped_itemsize"]
+           "open_base", "local_path", "fingerprint", "check_adapters", "input_bytes", "mapped_itemsize",
+           "Vocab", "VocabError", "plan_vocab"]
 
 
 def local_path(ref: str, what: str, *, download: bool = False) -> tuple[Path, Snapshot | None]:
