@@ -107,5 +107,6 @@ def input_bytes(model, name: str) -> int:
 
 
 def mapped_itemsize(model, name: str) -> int:
-    """What the source holds per element of a chunk: mapped input pages, or an adapter's float32 delta."""
-    return 4 if is_adapter(model) else model.tensors[name].itemsize
+    """What the source holds per element of a chunk: mapped input pages, or an adapter's float32 delta
+    (the chunk's tau and the B @ A product being added into it)."""
+    return 8 if is_adapter(model) else model.tensors[name].itemsize

@@ -10,6 +10,7 @@ Every other tensor has tau = 0. Nothing the size of the base tensor is ever held
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -210,21 +211,25 @@ class LoraAdapter:
     def delta(self, name: str, shape: tuple, r0: int, r1: int, base: Checkpoint) -> torch.Tensor:
         """float32 rows [r0, r1) of tau for base tensor `name` (zeros where the adapter has none)."""
         rows_shape = (r1 - r0, *shape[1:]) if shape else (1,)
-        out = torch.zeros(rows_shape, dtype=torch.float32)
+        pieces = self.pieces.get(name, ())
+        if not pieces:   # untouched: tau = 0, as a broadcast view (no allocation, the engine copies it)
+            return torch.zeros((), dtype=torch.float32).expand(math.prod(rows_shape))
+        out = None
         w = self.weights
-        for p in self.pieces.get(name, ()):
+        for p in pieces:
             if p.kind == "replace":
                 saved = w.view(p.a).reshape(1) if not shape else w.view(p.a, r0, r1)
                 b0 = base.view(name).reshape(1) if not shape else base.view(name, r0, r1)
-                out += saved.float() - b0.float()
+                d = saved.float() - b0.float()     # out of place: the views are read-only maps
             elif p.kind == "bias":
-                out += w.view(p.b, r0, r1).float() * p.scaling
+                d = w.view(p.b, r0, r1).float() * p.scaling
             elif p.transposed:    # (B @ A).T rows r0:r1 = A[:, r0:r1].T @ B.T
                 a = w.view(p.a).float()[:, r0:r1]
-                out += (a.t() @ w.view(p.b).float().t()) * p.scaling
-            else:                 # rows r0:r1 of B @ A
-                out += (w.view(p.b, r0, r1).float() @ w.view(p.a).float()) * p.scaling
-        return out
+                d = (a.t() @ w.view(p.b).float().t()).mul_(p.scaling)
+            else:                 # rows r0:r1 of B @ A, times scaling (peft's order)
+                d = (w.view(p.b, r0, r1).float() @ w.view(p.a).float()).mul_(p.scaling)
+            out = d if out is None else out.add_(d)
+        return out.reshape(rows_shape)
 
     # -- the Checkpoint-like surface the pipeline uses -----------------------------------------------------
     def release(self, name: str | None = None, r0=None, r1=None) -> None:
@@ -236,7 +241,6 @@ class LoraAdapter:
     def fingerprint(self) -> dict:
         fp = self.weights.fingerprint()
         cfg = self.root / CONFIG_NAME
-        import hashlib
         fp[CONFIG_NAME] = {"size": cfg.stat().st_size, "mtime_ns": cfg.stat().st_mtime_ns,
                            "sha256": hashlib.sha256(cfg.read_bytes()).hexdigest()}
         return fp

@@ -81,7 +81,8 @@ class RowSource:
         hi = min(r1, rows, self._v0) if is_adapter(m) else min(r1, rows)
         if hi > r0:
             if is_adapter(m):
-                out[: hi - r0] = m.delta(self._name, (self._v0, *self.shape[1:]), r0, hi, self._base)
+                d = m.delta(self._name, (self._v0, *self.shape[1:]), r0, hi, self._base)
+                out[: hi - r0] = d.reshape(hi - r0, *self.shape[1:])
             else:
                 out[: hi - r0].copy_(self._view(m, r0, hi))
                 out[: hi - r0].sub_(b[: hi - r0])
