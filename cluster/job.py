@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = cli._parser().parse_args(["merge", *rest])
     try:
-        cfg = load_config(args.config, {"output": args.output})
+        cfg = load_config(args.config, {"output": args.output or args.output_pos})
     except ConfigError as e:
         print(f"tadrop: error: {e}", file=sys.stderr)
         return 1

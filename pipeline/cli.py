@@ -9,22 +9,59 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tadrop", description="Out-of-core, resumable merging of many "
-                                "fine-tunes of one base model (TADrop, TA, TIES, EMR, TALL, consensus, DARE).")
-    sub = p.add_subparsers(dest="command", required=True)
+METHODS_HELP = """\
+methods (`method:`):
+  task_arithmetic  theta_0 + lambda * sum_k w_k Phi(tau_k)            (default; lambda 0.3)
+  ties             trim, elect the sign, disjoint mean (TIES-Merging) (lambda 1.0, topk 0.2)
+  emr              one unified vector + per-task masks and rescalers (EMR-Merging)
+  tall_masks       per-task masks over the summed vector (TALL masks)
+  consensus        keep entries at least k_min tasks' masks agree on (Consensus merging)
+sparsifiers (`sparsify: {kind: ...}`), the Phi applied to every task vector first:
+  none             Phi(tau) = tau
+  tadrop           per tensor drop the d = Q_a/Q_b fraction of smallest |tau|, rescale the norm
+  topk             keep the `density` fraction of largest |tau| (per model: models[].sparsify)
+  dare             drop each entry with probability p, divide survivors by 1-p (per model too)
+every key, its default and meaning: the "A config" table in README.md
+(mergekit YAML configs are accepted too: README "From mergekit")."""
 
-    m = sub.add_parser("merge", help="run or resume a merge described by a YAML config")
-    m.add_argument("config", type=Path)
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("tadrop-merge")
+    except PackageNotFoundError:
+        return "dev"
+
+
+def _parser() -> argparse.ArgumentParser:
+    raw = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="tadrop", formatter_class=raw, epilog=METHODS_HELP,
+                                description="Out-of-core, resumable merging of many fine-tunes of one base "
+                                "model (TADrop, TA, TIES, EMR, TALL, consensus, DARE).")
+    p.add_argument("--version", action="version", version=f"tadrop {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    m = sub.add_parser("merge", help="run or resume a merge described by a YAML config (ours or mergekit's)",
+                       formatter_class=raw, epilog=METHODS_HELP,
+                       description="Run or resume a merge. CONFIG is a tadrop YAML config or a mergekit one "
+                       "(translated, printed, then run). Re-running the same command resumes.")
+    m.add_argument("config", type=Path, metavar="CONFIG", help="YAML config: tadrop's, or mergekit's (merge_method:)")
+    m.add_argument("output_pos", type=Path, nargs="?", metavar="OUTPUT",
+                   help="run directory (as mergekit-yaml CONFIG OUTPUT; overrides `output:`)")
     m.add_argument("--output", type=Path, help="run directory (overrides `output:`)")
+    m.add_argument("--device", choices=["cpu", "cuda"], help="where the maths runs (overrides `device:`)")
+    m.add_argument("--shard-size", help="bytes per output shard, e.g. 5GB (overrides `shard_size:`; "
+                   "mergekit's --out-shard-size 5B counts parameters: 5B bf16 parameters = 10GB)")
     m.add_argument("--executor", choices=["local", "ray"], help="overrides `executor:` (default local)")
     m.add_argument("--workers", type=int, help="worker processes / Ray actors (overrides `workers:`)")
     m.add_argument("--memory-budget", help="per-worker memory budget, e.g. 2GiB (overrides `memory_budget:`)")
     m.add_argument("--ray-address", help="join this Ray cluster (default: $RAY_ADDRESS, else a private local instance)")
-    m.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    m.add_argument("--dry-run", action="store_true", help="print the plan and exit; writes nothing "
+                   "(no `output:` needed)")
     m.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     m.add_argument("--verify-inputs", action="store_true",
                    help="hash every input file: record the hashes, or refuse inputs changed since")
@@ -32,10 +69,16 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="progress of a run: exit 0 complete, 3 incomplete, 2 not a run")
     s.add_argument("run_dir", type=Path)
 
-    e = sub.add_parser("export", help="write one task's model as a Hugging Face checkpoint")
-    e.add_argument("run_dir", type=Path)
-    e.add_argument("--task", required=True)
-    e.add_argument("--output", type=Path, required=True)
+    e = sub.add_parser("export", help="write one task's model as a Hugging Face checkpoint",
+                       description="Write one task's model of a complete run as a Hugging Face checkpoint "
+                       "(EMR: theta_0 + lambda_k M_k tau_uni; TALL: theta_0 + m_k tau_MTL; task_arithmetic, "
+                       "ties, consensus: a copy of merged/), with a model card unless the run's config "
+                       "says model_card: false.")
+    e.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a complete run directory (`output:` of the merge)")
+    e.add_argument("--task", required=True, help="the task to export: a `models[].name` of the run's config")
+    e.add_argument("--output", type=Path, required=True,
+                   help="directory to create (must not exist or be empty); written beside it, renamed when whole")
+    e.add_argument("--shard-size", help="bytes per output shard, e.g. 5GB (default: the run's shard_size)")
 
     v = sub.add_parser("verify", help="re-hash every output of a run against its checksums: "
                        "exit 0 intact, 1 damaged (named), 2 not a run, 3 incomplete")
@@ -65,13 +108,30 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 
 def _merge(args) -> int:
-    from .config import load_config
+    from .config import ConfigError, check_shard_size, config_from_data, read_config_data
+    from .mergekit_config import is_mergekit, translate
     from .run import merge
-    overrides = {k: v for k, v in {
-        "output": args.output, "executor": args.executor, "workers": args.workers,
-        "memory_budget": args.memory_budget,
-    }.items() if v is not None}
-    cfg = load_config(args.config, overrides)
+    data = read_config_data(args.config)
+    if is_mergekit(data):
+        tr = translate(data, str(args.config))
+        print(tr.yaml(str(args.config)), flush=True)    # the equivalent tadrop config, before running
+        data = tr.config
+    if args.output is not None and args.output_pos is not None and args.output != args.output_pos:
+        raise ConfigError(f"{args.config}: OUTPUT {args.output_pos} and --output {args.output} disagree")
+    if args.shard_size is not None:
+        try:
+            check_shard_size(args.shard_size)
+        except ValueError as e:
+            raise ConfigError(f"--shard-size: {e}") from None
+    overrides = {"output": args.output or args.output_pos, "executor": args.executor, "workers": args.workers,
+                 "memory_budget": args.memory_budget, "device": args.device, "shard_size": args.shard_size}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    if data.get("output") is None:
+        if not args.dry_run:
+            raise ConfigError(f"{args.config}: output: required: put `output: DIR` in the config or run "
+                              f"`tadrop merge {args.config} DIR`")
+        data["output"] = str(Path(tempfile.gettempdir()) / "tadrop-dry-run")   # a dry run writes nothing
+    cfg = config_from_data(data, str(args.config))
     if args.ray_address:
         cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"address": args.ray_address})})
     merge(cfg, dry_run=args.dry_run, quiet=args.quiet, verify_inputs=args.verify_inputs)
@@ -110,8 +170,10 @@ def _complete(run_dir: Path) -> bool:
 
 
 def _export(args) -> int:
+    from .config import parse_size
     from .export import export_task
-    out = export_task(args.run_dir, args.task, args.output)
+    shard = parse_size(args.shard_size) if args.shard_size else None
+    out = export_task(args.run_dir, args.task, args.output, shard_size=shard)
     print(f"wrote task {args.task!r} to {out}")
     return 0
 

@@ -20,9 +20,9 @@ METHODS = ("task_arithmetic", "ties", "emr", "tall_masks", "consensus")
 DEFAULT_METHOD = "task_arithmetic"
 # lambda scales the merged vector of these methods only; the others ignore it.
 DEFAULT_LAMBDA = {"task_arithmetic": 0.3, "ties": 1.0}
-OVERRIDE_KEYS = ("output", "workers", "memory_budget", "executor")
+OVERRIDE_KEYS = ("output", "workers", "memory_budget", "executor", "device", "shard_size")
 # Keys that do not change the output bytes (left out of identity()).
-NON_IDENTITY_KEYS = ("output", "workers", "executor", "ray", "device", "memory_budget", "download")
+NON_IDENTITY_KEYS = ("output", "workers", "executor", "ray", "device", "memory_budget", "download", "model_card")
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -189,6 +189,7 @@ class MergeConfig(_Strict):
     clamp_overflow: bool = False   # float16 output: clamp out-of-range values (warning) instead of failing
     download: bool = False   # fetch repo ids missing from the HF cache (safetensors/config/tokenizer only)
     tokenizer_source: str = "base"   # the output vocabulary: base | union | a model's name (SPEC 5)
+    model_card: bool = True     # README.md model card in merged/ and in exports
 
     @model_validator(mode="before")
     @classmethod
@@ -210,6 +211,11 @@ class MergeConfig(_Strict):
     @classmethod
     def _size(cls, v: Any) -> int:
         return parse_size(v)
+
+    @field_validator("shard_size", mode="before")
+    @classmethod
+    def _shard_size_sane(cls, v: Any) -> Any:
+        return check_shard_size(v)
 
     @field_validator("output", mode="after")
     @classmethod
@@ -332,6 +338,40 @@ def task_sparsify(sp: Any, override: dict, where: str = "models.N.sparsify") -> 
         raise ValueError(f"{where}.{err['loc'][-1]}: {err['msg']} (got {err.get('input')!r})") from None
 
 
+def check_shard_size(v: Any) -> Any:
+    """Refuse a shard size below 1 KB: mergekit's `--out-shard-size 5B` means 5 billion
+    *parameters*, ours are bytes, and '5B' would put every tensor in a shard of its own."""
+    n = parse_size(v)
+    if n >= 1000:
+        return v
+    m = _SIZE_RE.match(v) if isinstance(v, str) else None
+    if m and m.group(2).lower() == "b":
+        raise ValueError(f"{v!r} is {n} bytes (our sizes are bytes; mergekit's --out-shard-size "
+                         f"{v} means {m.group(1)} billion parameters): did you mean {m.group(1)}GB "
+                         f"(or {2 * Decimal(m.group(1))}GB for {m.group(1)}B bf16 parameters)?")
+    raise ValueError(f"{v!r} is {n} bytes, below 1 KB: every tensor would get a shard of its own; "
+                     f"did you mean {n}GB?")
+
+
+def check_device(cfg: "MergeConfig") -> None:
+    """`device: cuda` needs a CUDA build of torch and a visible GPU here (the local executor, or
+    Ray's private local instance): say so before any worker starts, not as a tensor error later."""
+    if cfg.device != "cuda":
+        return
+    if cfg.executor == "ray" and (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        return          # the cluster's actors, not this machine, hold the GPUs
+    import torch
+    if torch.version.cuda is None:
+        why = f"this torch ({torch.__version__}) is built without CUDA; install a CUDA build of torch"
+    elif not torch.cuda.is_available():
+        vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+        why = (f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU"
+               + (f" (CUDA_VISIBLE_DEVICES={vis!r})" if vis is not None else " (no driver or no device)"))
+    else:
+        return
+    raise ConfigError(f"device: cuda, but {why}; or set device: cpu (--device cpu)")
+
+
 def _absolute(p: Path) -> Path:
     return Path(os.path.abspath(os.path.expanduser(str(p))))
 
@@ -370,8 +410,8 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bo
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def load_config(path: str | os.PathLike, overrides: dict | None = None) -> MergeConfig:
-    """Read and validate a YAML config; `overrides` (from the CLI) win over the file."""
+def read_config_data(path: str | os.PathLike) -> dict:
+    """The YAML mapping of a config file (not validated yet)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -391,16 +431,28 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None) -> Merge
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config must be a mapping of keys to values, "
                           f"got {type(data).__name__}")
+    return data
+
+
+def config_from_data(data: dict, source: str) -> MergeConfig:
+    """Validate a config mapping; errors name `source` and the key path."""
+    try:
+        return MergeConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def load_config(path: str | os.PathLike, overrides: dict | None = None) -> MergeConfig:
+    """Read and validate a YAML config; `overrides` (from the CLI) win over the file."""
+    path = Path(path)
+    data = read_config_data(path)
     for k, v in (overrides or {}).items():
         if k not in OVERRIDE_KEYS:
             raise ConfigError(f"{path}: override {k!r} not allowed; allowed: "
                               f"{', '.join(OVERRIDE_KEYS)}")
         if v is not None:
             data[k] = v
-    try:
-        return MergeConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_format_errors(e, str(path))) from None
+    return config_from_data(data, str(path))
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -10,13 +10,20 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import multiprocessing as mp
+import multiprocessing.context
 import os
 import signal
 import threading
+import sys
+import time
+import types
 from abc import ABC, abstractmethod
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 from typing import Callable, Sequence
+
+import torch
 
 from .job import Job, JobError, JobRunner, RunContext
 
@@ -24,11 +31,18 @@ OnResult = Callable[[Job, dict], None]
 
 
 class WorkerLost(RuntimeError):
-    """A worker process died (SIGKILL, out-of-memory kill) while running a job."""
+    """A worker process died (a signal, an exit, an out-of-memory kill) while running a job."""
 
 
 class Executor(ABC):
     """Runs jobs somewhere and reports each result back to the driver, in completion order."""
+
+    # set by the driver: a one-line description of what the executor is doing (e.g. starting workers)
+    on_status: Callable[[str], None] | None = None
+
+    def status(self, text: str) -> None:
+        if self.on_status is not None:
+            self.on_status(text)
 
     @abstractmethod
     def run(self, ctx: RunContext, jobs: Sequence[Job], on_result: OnResult) -> None:
@@ -86,6 +100,119 @@ def _children_ignore_sigint():
         yield
     finally:
         signal.signal(signal.SIGINT, old)
+# Below this much input (all phases), jobs run in the driver: starting workers would cost more than
+# they save.  TADROP_INLINE_BYTES overrides it (0: always workers, as the test suite does).
+INLINE_MAX_BYTES = 256 * 10**6
+
+
+def local_executor(workers: int, input_bytes: int) -> "Executor":
+    """The local executor for a run of this size: in the driver when small or `workers: 1`."""
+    limit = int(os.environ.get("TADROP_INLINE_BYTES", INLINE_MAX_BYTES))
+    if input_bytes <= limit or (workers == 1 and limit > 0):
+        return InlineExecutor()
+    return LocalExecutor(workers=workers)
+
+
+class InlineExecutor(Executor):
+    """Runs the jobs one after another in the driver process: no worker start-up (each spawned
+    worker pays a fresh interpreter and a torch import, seconds on a small machine), which is what
+    a small merge is mostly made of.  Same JobRunner, same bytes; one torch thread while it runs
+    (restored afterwards, so a notebook's settings survive)."""
+
+    def __init__(self):
+        self._runner: JobRunner | None = None
+        self._ctx: RunContext | None = None
+
+    def run(self, ctx: RunContext, jobs: Sequence[Job], on_result: OnResult) -> None:
+        if not jobs:
+            return
+        threads = torch.get_num_threads()
+        try:
+            if self._runner is None or self._ctx is not ctx:
+                self.close()
+                self._runner, self._ctx = JobRunner(ctx), ctx
+            self.status("merge (in this process)")
+            for job in jobs:
+                on_result(job, self._runner.run(job))
+        finally:
+            torch.set_num_threads(threads)
+
+    def close(self) -> None:
+        if self._runner is not None:
+            for w in (self._runner.merged_writer, self._runner.unified_writer):
+                if w is not None:
+                    w.close()
+            self._runner = self._ctx = None
+
+
+class _NoMainProcess(mp.context.SpawnProcess):
+    """A spawned worker that does not re-import the driver's __main__.
+
+    multiprocessing's spawn re-runs the main script in every child (as `__mp_main__`): a script
+    without an `if __name__ == "__main__":` guard would start the merge again inside each worker
+    (which then dies), and a script read from stdin cannot be re-run at all.  Our workers need
+    nothing from __main__ (the job functions live in this module), so the preparation data is
+    taken with a bare stand-in for __main__, and scripts, stdin and notebooks all work.
+    """
+    _blank_main = types.ModuleType("__main__")
+
+    @staticmethod
+    def _Popen(process_obj):
+        main = sys.modules.get("__main__")
+        sys.modules["__main__"] = _NoMainProcess._blank_main
+        try:
+            return mp.context.SpawnProcess._Popen(process_obj)
+        finally:
+            if main is not None:
+                sys.modules["__main__"] = main
+
+
+class _NoMainContext(mp.context.SpawnContext):
+    Process = _NoMainProcess
+
+
+def _oom_kills() -> dict[str, int]:
+    """The kernel's out-of-memory kill counters we can read: system-wide and our cgroup's."""
+    out = {}
+    try:
+        for line in Path("/proc/vmstat").read_text().splitlines():
+            if line.startswith("oom_kill "):
+                out["system"] = int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    try:
+        rel = next(l[3:] for l in Path("/proc/self/cgroup").read_text().splitlines() if l.startswith("0::"))
+        for line in (Path("/sys/fs/cgroup") / rel.lstrip("/") / "memory.events").read_text().splitlines():
+            if line.startswith("oom_kill "):
+                out["cgroup"] = int(line.split()[1])
+    except (OSError, ValueError, StopIteration):
+        pass
+    return out
+
+
+def death_cause(exitcode: int | None, oom_before: dict, oom_after: dict) -> str:
+    """How a worker died, in words: the exit code or signal; out of memory only when the kernel
+    counted an OOM kill meanwhile."""
+    if exitcode is None:
+        return "stopped responding"
+    if exitcode >= 0:
+        return (f"exited with code {exitcode}" + (" (its start-up failed: see the traceback above)"
+                                                   if exitcode == 0 else ""))
+    sig = -exitcode
+    try:
+        name = signal.Signals(sig).name
+    except ValueError:
+        name = f"signal {sig}"
+    what = f"was killed by {name} (signal {sig})"
+    if sig != signal.SIGKILL:
+        return what
+    grew = [k for k in oom_after if oom_after[k] > oom_before.get(k, oom_after[k])]
+    if grew:
+        return (f"{what} by the kernel's out-of-memory killer: lower memory_budget or workers "
+                "(workers x memory_budget + ~0.5 GiB must fit in RAM)")
+    if oom_after:
+        return f"{what}, not by the out-of-memory killer (the kernel counted no OOM kill meanwhile)"
+    return f"{what} (this system does not say whether it was the out-of-memory killer: see `dmesg`)"
 
 
 class LocalExecutor(Executor):
@@ -102,15 +229,35 @@ class LocalExecutor(Executor):
         self.window = window or 2 * workers
         self._pool: ProcessPoolExecutor | None = None
         self._ctx: RunContext | None = None
+        self._mp = _NoMainContext()
+        self._procs: list = []
+        self._oom = _oom_kills()
+        self.timings: dict[str, float] = {}
 
     def _get_pool(self, ctx: RunContext, n_jobs: int) -> ProcessPoolExecutor:
         if self._pool is not None and self._ctx is not ctx:
             self.close()
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"),
+            n = min(self.workers, n_jobs)
+            self.status(f"starting {n} worker process{'es' if n > 1 else ''} (each imports torch)")
+            self._t_start = time.perf_counter()
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=self._mp,
                                              initializer=_init_worker, initargs=(ctx,))
             self._ctx = ctx
         return self._pool
+
+    def _lost(self, job: Job) -> WorkerLost:
+        """Word a broken pool by what really happened to the worker that died."""
+        procs = list(getattr(self._pool, "_processes", {}).values())   # stdlib keeps them here
+        deadline = time.time() + 5
+        for p in procs:    # the pool terminates the survivors (SIGTERM); let every exit code settle
+            p.join(max(0.0, deadline - time.time()))
+        codes = [(p.pid, p.exitcode) for p in procs]
+        dead = [c for c in codes if c[1] not in (-signal.SIGTERM, None)] or codes or [(None, None)]
+        pid, code = dead[0]
+        cause = death_cause(code, self._oom, _oom_kills())
+        return WorkerLost(f"worker process {pid} {cause} while running {job.describe()}; "
+                          "re-run the same command to resume")
 
     def run(self, ctx: RunContext, jobs: Sequence[Job], on_result: OnResult) -> None:
         if not jobs:
@@ -130,15 +277,14 @@ class LocalExecutor(Executor):
                     try:
                         result = fut.result()
                     except BrokenProcessPool as e:
-                        raise WorkerLost(
-                            f"a worker process died while running {job.describe()} "
-                            "(killed, or out of memory: try a smaller memory_budget or fewer workers); "
-                            "re-run the same command to resume"
-                        ) from e
+                        raise self._lost(job) from e
                     except JobError:
                         raise
                     except Exception as e:  # an error inside a worker that is not a JobError
                         raise JobError(f"{job.describe()}: {type(e).__name__}: {e}") from e
+                    if "first_result_s" not in self.timings:   # worker start-up + the first job
+                        self.timings["first_result_s"] = round(time.perf_counter() - self._t_start, 3)
+                        self.status("merge")
                     on_result(job, result)
         except BaseException as e:
             for fut in in_flight:

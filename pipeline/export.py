@@ -19,6 +19,8 @@ from . import sources
 from .checkpoints import Checkpoint
 from .config import MergeConfig
 from .job import TORCH_DTYPES, JobError, check_float16
+from .hfconfig import copy_non_weight_files
+from .modelcard import attrs_scalars, stats_rows as _stats_rows, write_model_card
 from .plan import MERGED_METHODS
 from .writers import MaskStore, MaskStoreError, ShardWriter, create_shard_files, fsync_dir, plan_shards, write_index
 
@@ -156,10 +158,10 @@ def _write_task_model(run_dir: Path, cfg: MergeConfig, k: int, tmp: Path, shard_
     for w in dict.fromkeys(warnings):
         log.warning(w)
     write_index(plan, tmp)
-    for f in base.non_weight_files():
-        shutil.copy2(f, tmp / f.name)
+    copy_non_weight_files(base, tmp, plan)
     if vocab:
         vocab[0].write_files(tmp)
+    write_model_card(tmp, cfg, _stats_rows(run_dir), attrs_scalars(attrs), cfg.models[k].name, run_dir)
     fsync_dir(tmp)
 
 

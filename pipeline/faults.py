@@ -56,3 +56,13 @@ def crash_point(point: str) -> None:
     _hits[point] = _hits.get(point, 0) + 1
     if _hits[point] >= int(nth or 1):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def job_fault() -> None:
+    """In a worker, at the start of a job: `TADROP_FAULT=worker_signal:SIG` kills the worker with that
+    signal (e.g. KILL, SEGV), `worker_exit:CODE` exits with that code (how the driver words a dead worker)."""
+    want = os.environ.get("TADROP_FAULT", "")
+    if want.startswith("worker_signal:"):
+        os.kill(os.getpid(), getattr(signal, "SIG" + want.partition(":")[2]))
+    elif want.startswith("worker_exit:"):
+        os._exit(int(want.partition(":")[2]))

@@ -17,9 +17,9 @@ from tadrop import AbsSelector, MergeSpec, NonFiniteError, TensorPlan
 from tadrop import streamed
 
 from .checkpoints import Checkpoint
-from .faults import write_fault
 from .globalstats import (EXTRA_FILE, SELECTED_FILE, VALUES_FILE, job_file, load_ranks, load_selectors,
                           load_values, save_selectors)
+from .faults import job_fault, write_fault
 from .sources import RowSource as _Source
 from .writers import MaskStore, ShardPlan, ShardWriter
 
@@ -192,6 +192,7 @@ class JobRunner:
         self.warnings = []   # a failed earlier attempt leaves nothing behind for this one
         if self.mask_store is not None:
             self.mask_store.take_checksums(job.tensor)
+        job_fault()
         try:
             if job.kind == "merge":
                 return self._merge(job.tensor)

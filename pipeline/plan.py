@@ -6,6 +6,7 @@ number of workers produce the same bytes.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -41,6 +42,9 @@ def mask_chunk_rows(shape: tuple[int, ...]) -> int:
     rows = shape[0] if shape else 1
     row_numel = int(np.prod(shape[1:])) if len(shape) > 1 else 1
     return max(1, min(rows, MASK_CHUNK_ELEMENTS // max(1, row_numel)))
+
+
+log = logging.getLogger("tadrop")
 
 
 class PlanError(ValueError):
@@ -123,6 +127,23 @@ class Plan:
         }
 
 
+def warn_small_shards(sp: ShardPlan | None, shard_size: int) -> str | None:
+    """Loud warning when shard_size is below the largest tensor: each such tensor gets a shard
+    of its own (legal, but rarely meant; mergekit's shard sizes count parameters, not bytes)."""
+    if sp is None:
+        return None
+    sizes = [(t.nbytes, n) for s in sp.shards for n, t in s.tensors.items()]
+    over = [n for b, n in sizes if b > shard_size]
+    if not over:
+        return None
+    big, name = max(sizes)
+    msg = (f"shard_size {shard_size} bytes is below the largest tensor ({name}, {big} bytes): "
+           f"{len(over)} of {len(sizes)} tensors get a shard of their own, {len(sp.shards)} shards in all; "
+           f"shard sizes are bytes (5GB is the usual choice; mergekit's '5B' counts parameters)")
+    log.warning(msg)
+    return msg
+
+
 def make_plan(cfg: MergeConfig, base: Checkpoint, models: list[Checkpoint], table: InputTable,
               vocab=None) -> Plan:
     """`vocab` (sources.vocab.Vocab): extended vocabulary tensors get the output's row count."""
@@ -171,6 +192,8 @@ def make_plan(cfg: MergeConfig, base: Checkpoint, models: list[Checkpoint], tabl
         unified_plan = plan_shards(entries, int(cfg.shard_size))
 
     model_scope = getattr(spec.sparsifier, "scope", "tensor") != "tensor" and spec.sparsifier.needs_fit
+    for sp in (merged_plan, unified_plan):
+        warn_small_shards(sp, int(cfg.shard_size))
     plan = Plan(
         spec=spec, merge=list(table.merge), copy=copy, tensor_plans=tensor_plans,
         merged_plan=merged_plan, unified_plan=unified_plan, merged_dtypes=merged_dtypes,

@@ -22,6 +22,10 @@ class Progress:
     def _postfix(self) -> str:
         return f"jobs {self._jobs_done}/{self._jobs_total}"
 
+    def note(self, text: str) -> None:
+        """Say what is happening (e.g. workers starting) where the bar's label is."""
+        self._bar.set_description_str(text, refresh=True)
+
     def advance(self, job: Job) -> None:
         self._jobs_done += 1
         self._bar.set_postfix_str(self._postfix(), refresh=False)

@@ -18,6 +18,8 @@ from .checkpoints import Checkpoint
 from .config import MergeConfig
 from .faults import crash_point
 from .integrity import read_json
+from .hfconfig import copy_non_weight_files
+from .modelcard import write_model_card
 from .plan import Plan
 from .writers import MaskStore, atomic_write_json, fsync_dir, write_index, write_stats
 
@@ -72,10 +74,10 @@ def reduce_run(out_dir: Path, state: Path, plan: Plan, cfg: MergeConfig, base: C
         if plan.merged_plan:
             d = state / "merged.partial"
             write_index(plan.merged_plan, d)
-            for f in base.non_weight_files():
-                shutil.copy2(f, d / f.name)
+            copy_non_weight_files(base, d, plan.merged_plan)
             if plan.vocab is not None:   # an extended vocabulary: its tokenizer and vocab_size
                 plan.vocab.write_files(d)
+            write_model_card(d, cfg, collect_rows(plan, results), scalars)
             fsync_dir(d)
         if plan.unified_plan:
             write_index(plan.unified_plan, state / "unified.partial")

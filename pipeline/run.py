@@ -23,8 +23,8 @@ from tadrop import streamed
 
 from . import integrity, sources
 from .checkpoints import Checkpoint, CheckpointError, _summarize, validate_inputs
-from .config import MergeConfig
-from .executor import Executor, LocalExecutor, WorkerLost
+from .config import MergeConfig, check_device
+from .executor import Executor, LocalExecutor, WorkerLost, local_executor
 from .faults import crash_point
 from .globalstats import (EXTRA_FILE, SELECTED_FILE, VALUES_FILE, merge_selector_files, save_ranks,
                           save_selectors, save_values)
@@ -189,11 +189,13 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def make_executor(cfg: MergeConfig) -> Executor:
+def make_executor(cfg: MergeConfig, input_bytes: int | None = None) -> Executor:
     if cfg.executor == "ray":
         from cluster.ray_executor import RayExecutor  # lazily: pipeline never needs Ray otherwise
         return RayExecutor.from_config(cfg)
-    return LocalExecutor(workers=cfg.workers)
+    if input_bytes is None:
+        return LocalExecutor(workers=cfg.workers)
+    return local_executor(cfg.workers, input_bytes)
 
 
 def merge(cfg: MergeConfig, *, dry_run: bool = False, quiet: bool = False,
@@ -204,6 +206,7 @@ def merge(cfg: MergeConfig, *, dry_run: bool = False, quiet: bool = False,
     complete: one writer per run directory."""
     t_start = time.time()
     out_dir = check_output_dir(cfg)
+    check_device(cfg)
     base, models = open_inputs(cfg)
     vocab = sources.plan_vocab(cfg, base, models)
     table = validate_inputs(base, models, cfg.passthrough, frozenset(vocab.rows) if vocab else frozenset())
@@ -274,8 +277,9 @@ def _merge_locked(cfg: MergeConfig, plan: Plan, base: Checkpoint, models: list[C
     if own_executor:
         left = max((sum(1 for j in jobs if j.id not in done) for jobs in plan.jobs.values()), default=0)
         total = max((len(jobs) for jobs in plan.jobs.values()), default=0)
-        executor = make_executor(cap_workers(cfg, left, total))
+        executor = make_executor(cap_workers(cfg, left, total), sum(j.nbytes for j in plan.all_jobs))
     progress = Progress(plan.all_jobs, done, disable=quiet)
+    executor.on_status = progress.note
     try:
         t_map = time.time()
         if not reducing:
