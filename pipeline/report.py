@@ -162,7 +162,37 @@ def heatmap_grid(rows: list[dict], task: str) -> tuple[list[str], list[str], lis
     return types, layers, vals
 
 
-def plot(rows: list[dict], out_png: Path) -> None:
+# Figure geometry, in inches at DPI: a 80-layer x 13-type panel stays ~8 x 2.4 in, 30 tasks fit in
+# 3 columns, and every label is at least MIN_FONT points.
+DPI = 100
+MAX_WIDTH_IN = 30.0
+CELL_W, CELL_H = 0.09, 0.17
+MIN_FONT = 8
+
+
+def _tick_step(n: int, max_ticks: int) -> int:
+    """Label every step-th layer (1, 2, 4, 5, 8, 10, 16, 20...) so at most max_ticks show."""
+    for step in (1, 2, 4, 5, 8, 10, 16, 20, 25, 32, 40, 50, 64, 100):
+        if math.ceil(n / step) <= max_ticks:
+            return step
+    return math.ceil(n / max_ticks)
+
+
+def color_range(rows: list[dict]) -> tuple[float, float]:
+    """The colour scale from the data: the 1st-99th percentile of the drop rates (a fixed 0-1 scale
+    flattens rates that all lie in 0.3-0.5), widened to at least 0.02 so one value still shows."""
+    import numpy as np
+    v = np.array([r["drop_rate"] for r in rows if r["drop_rate"] is not None and not math.isnan(r["drop_rate"])])
+    lo, hi = (float(np.percentile(v, 1)), float(np.percentile(v, 99))) if v.size else (0.0, 1.0)
+    if hi - lo < 0.02:
+        mid = (hi + lo) / 2
+        lo, hi = max(0.0, mid - 0.01), min(1.0, mid + 0.01)
+    return lo, hi
+
+
+def figure(rows: list[dict]):
+    """The report figure: a per-type x task summary panel on top, then one types x layers panel per
+    task, one shared data-driven colour scale with its bar.  Returns (fig, info) for the layout test."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -171,37 +201,87 @@ def plot(rows: list[dict], out_png: Path) -> None:
     tasks = [t for t in _tasks_in_order(rows)
              if any(r["task"] == t and r["drop_rate"] is not None for r in rows)]
     grids = [heatmap_grid(rows, t) for t in tasks]
-    ncol = 1 if len(tasks) == 1 else 2
-    nrow = math.ceil(len(tasks) / ncol)
-    n_types = max(len(g[0]) for g in grids)
+    types = sorted({t for g in grids for t in g[0]}, key=_type_key)
     n_layers = max(len(g[1]) for g in grids)
-    w = min(40.0, (3.5 + 0.45 * n_layers) * ncol + 1.0)
-    h = min(60.0, (1.4 + 0.3 * n_types) * nrow + 0.6)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(w, h), squeeze=False, layout="constrained")
+    vmin, vmax = color_range(rows)
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
-    im = None
-    for ax, task, (types, layers, vals) in zip(axes.flat, tasks, grids):
-        arr = np.ma.masked_invalid(np.array(vals, dtype=float))
-        im = ax.imshow(arr, aspect="auto", cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
-        ax.set_title(f"task: {task}", fontsize=10)
-        ax.set_xticks(range(len(layers)), labels=layers, fontsize=7)
-        ax.set_yticks(range(len(types)), labels=types, fontsize=7)
-        ax.set_xlabel("layer", fontsize=8)
-        if len(layers) <= 16 and len(types) <= 20:
-            for i in range(len(types)):
-                for j in range(len(layers)):
-                    if not np.ma.is_masked(arr[i, j]):
-                        ax.text(j, i, f"{arr[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                                color="white" if arr[i, j] < 0.6 else "black")
-    for ax in list(axes.flat)[len(tasks):]:
-        ax.axis("off")
-    fig.suptitle("TADrop drop rate per tensor (grey: no tensor / no drop rate)", fontsize=11)
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="drop rate")
+
+    label_w = 0.09 * max(len(t) for t in types) + 0.5           # y tick labels at MIN_FONT
+    panel_w = max(3.0, CELL_W * n_layers + label_w)
+    panel_h = CELL_H * len(types) + 0.75
+    ncol = max(1, min(len(tasks), int(MAX_WIDTH_IN // panel_w)))
+    nrow = math.ceil(len(tasks) / ncol)
+    summ_w = max(3.0, 0.32 * len(tasks) + label_w)
+    summ_h = CELL_H * len(types) + 1.6                          # rotated task names below
+    width = max(panel_w * ncol, summ_w) + 1.0                   # + the colour bar
+    height = summ_h + panel_h * nrow + 0.6
+    fig = plt.figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    gs = fig.add_gridspec(nrow + 1, ncol, height_ratios=[summ_h] + [panel_h] * nrow)
+
+    # summary: per tensor type and task, the parameter-weighted mean drop rate over all layers
+    summ = fig.add_subplot(gs[0, :])
+    acc = defaultdict(lambda: [0.0, 0])
+    for r in rows:
+        if r["drop_rate"] is not None and not math.isnan(r["drop_rate"]) and r["task"] in tasks:
+            a = acc[(tensor_type(r["tensor"]), r["task"])]
+            a[0] += r["drop_rate"] * r["numel"]
+            a[1] += r["numel"]
+    sv = np.ma.masked_invalid(np.array([[acc[(t, k)][0] / acc[(t, k)][1] if acc[(t, k)][1] else np.nan
+                                         for k in tasks] for t in types], dtype=float))
+    im = summ.imshow(sv, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    summ.set_title("mean drop rate by tensor type and task (all layers)", fontsize=MIN_FONT + 2)
+    summ.set_yticks(range(len(types)), labels=types, fontsize=MIN_FONT)
+    summ.set_xticks(range(len(tasks)), labels=tasks, fontsize=MIN_FONT, rotation=60, ha="right",
+                    rotation_mode="anchor")
+    if len(tasks) <= 12 and len(types) <= 16:
+        for i in range(len(types)):
+            for j in range(len(tasks)):
+                if not np.ma.is_masked(sv[i, j]):
+                    frac = (sv[i, j] - vmin) / max(vmax - vmin, 1e-12)
+                    summ.text(j, i, f"{sv[i, j]:.2f}", ha="center", va="center", fontsize=MIN_FONT - 1,
+                              color="white" if frac < 0.6 else "black")
+
+    panels = []
+    max_ticks = max(2, int((panel_w - label_w) / 0.35))         # ~0.35 in per layer label
+    for idx, (task, (ttypes, layers, vals)) in enumerate(zip(tasks, grids)):
+        ax = fig.add_subplot(gs[1 + idx // ncol, idx % ncol])
+        full = np.full((len(types), len(layers)), np.nan)
+        for i, t in enumerate(ttypes):
+            full[types.index(t)] = vals[i]
+        ax.imshow(np.ma.masked_invalid(full), aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax,
+                  interpolation="nearest")
+        ax.set_title(task, fontsize=MIN_FONT + 1)
+        step = _tick_step(len(layers), max_ticks)
+        ticks = [j for j in range(len(layers)) if j % step == 0 or layers[j] == NO_LAYER]
+        if len(ticks) > 1 and layers[ticks[-1]] == NO_LAYER and ticks[-1] - ticks[-2] < step / 2:
+            ticks.pop(-2)                                        # keep 'other' clear of its neighbour
+        ax.set_xticks(ticks, labels=[layers[j] for j in ticks], fontsize=MIN_FONT)
+        if idx % ncol == 0:
+            ax.set_yticks(range(len(types)), labels=types, fontsize=MIN_FONT)
+        else:
+            ax.set_yticks(range(len(types)), labels=[])
+        if idx // ncol == nrow - 1 or idx + ncol >= len(tasks):
+            ax.set_xlabel("layer", fontsize=MIN_FONT)
+        panels.append(ax)
+    fig.suptitle(f"TADrop drop rate per tensor: {len(tasks)} tasks x {n_layers} layer columns "
+                 f"(colour scale {vmin:.2f}-{vmax:.2f}, from the data; grey: no tensor)", fontsize=MIN_FONT + 3)
+    cbar = fig.colorbar(im, ax=[summ, *panels], shrink=0.6, aspect=40, pad=0.01)
+    cbar.set_label("drop rate", fontsize=MIN_FONT + 1)
+    cbar.ax.tick_params(labelsize=MIN_FONT)
+    info = {"vmin": vmin, "vmax": vmax, "ncol": ncol, "nrow": nrow, "summary": summ, "panels": panels,
+            "colorbar": cbar, "size_px": (round(width * DPI), round(height * DPI))}
+    return fig, info
+
+
+def plot(rows: list[dict], out_png: Path) -> dict:
+    import matplotlib.pyplot as plt
+    fig, info = figure(rows)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_png.with_name(out_png.name + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    fig.savefig(tmp, dpi=DPI)
     plt.close(fig)
     tmp.replace(out_png)
+    return info
 
 
 def write_report(run_dir: Path, out_png: Path | None = None) -> str:
