@@ -39,7 +39,8 @@ def _run(args: list[str], env_extra: dict) -> tuple[float, float, int]:
     wall = time.perf_counter() - t
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(args)} failed:\n{proc.stderr[-2000:]}")
+        last = [l for l in proc.stderr.strip().splitlines() if l.strip()][-1:] or ["(no message)"]
+        raise RuntimeError(f"exit {proc.returncode}: {last[0][:300]}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return wall, cpu, proc.returncode
 
@@ -52,7 +53,7 @@ def main() -> int:
     a = ap.parse_args()
     if not (REPO / "demo" / "demo_models.json").exists():
         subprocess.run([sys.executable, "scripts/make_demo_models.py", "--out", "demo"], cwd=REPO, check=True)
-    rows, runs = [], []
+    rows, runs, failures = [], [], []
     floor = [_run(["-c", "import torch"], {}) for _ in range(a.repeats)]
     for name, (flags, env) in CASES.items():
         if a.no_ray and "ray" in name:
@@ -62,11 +63,20 @@ def main() -> int:
             out = Path("/tmp") / f"tadrop-bench-startup-{os.getpid()}"
             shutil.rmtree(out, ignore_errors=True)
             load = os.getloadavg()[0]
-            wall, cpu, _ = _run(["-m", "pipeline.cli", "merge", "configs/demo.yaml", str(out), "--quiet", *flags], env)
-            timings = json.loads((out / "run.json").read_text())["timings"]
-            shutil.rmtree(out, ignore_errors=True)
+            try:
+                wall, cpu, _ = _run(["-m", "pipeline.cli", "merge", "configs/demo.yaml", str(out), "--quiet",
+                                     *flags], env)
+            except RuntimeError as e:          # e.g. Ray's start-up timing out on an overloaded machine
+                failures.append((name, i, load, str(e)))
+                continue
+            finally:
+                timings = (json.loads((out / "run.json").read_text()).get("timings", {})
+                           if (out / "run.json").exists() else {})
+                shutil.rmtree(out, ignore_errors=True)
             res.append((wall, cpu, load, timings))
             runs.append((name, i, wall, cpu, load, timings))
+        if not res:
+            continue
         best = min(res, key=lambda r: r[0])
         rows.append((name, best, sorted(r[0] for r in res)[len(res) // 2], min(r[1] for r in res)))
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -100,6 +110,8 @@ def main() -> int:
     for name, i, wall, cpu, load, t in runs:
         lines.append(f"| {name} | {i} | {wall:.2f} | {cpu:.2f} | {load:.1f} | "
                      + ", ".join(f"{k} {v}" for k, v in t.items()) + " |")
+    for name, i, load, why in failures:
+        lines.append(f"| {name} | {i} | failed | | {load:.1f} | {why.replace('|', '/')} |")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
