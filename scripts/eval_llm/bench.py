@@ -29,14 +29,15 @@ from scores import Scores, mean_share
 
 TADROP = {"kind": "tadrop", "a": 0.5, "b": 0.95, "rescale": "norm", "scope": "tensor"}
 NONE = {"kind": "none"}
-GRID_TA = [0.2, 0.5, 1.0]          # TA, TA + TADrop, DARE lambda, consensus alpha
-GRID_TIES = [0.5, 1.0, 1.5]
+GRID_TA = [0.1, 0.2, 0.5, 1.0]     # TA, TA + TADrop (DARE keeps TA's lambda)
+GRID_TIES = [0.5, 1.0]
 GRID_DARE_P = [0.5, 0.9]
-GRID_TALL = [0.2, 0.4, 0.6]        # per domain
-GRID_A = [0.3, 0.5, 0.7]           # quantile sensitivity (EMR + TADrop)
-GRID_B = [0.9, 0.95, 0.99]
+GRID_ALPHA = [0.2, 0.5]            # consensus
+GRID_TALL = [0.2, 0.5]             # per domain
+GRID_A = [0.3, 0.5, 0.7]           # quantile sensitivity (EMR + TADrop): a cross through
+GRID_B = [0.9, 0.95, 0.99]         # the default (0.5, 0.95), not the full 3 x 3
 TEST_SCORED = 24       # of the 40 test sequences built per domain: the cost of ~45 scored rows on 2 cores
-STEPS = ["data", "pretrain", "finetune", "individual", "table1", "long", "grid", "table4", "test", "write"]
+STEPS = ["data", "pretrain", "finetune", "individual", "write"]
 
 # Recipes per size. "long" is the setting where adaptivity can show: more steps
 # at a larger learning rate, so task vectors move far from Gaussian noise.
@@ -64,6 +65,8 @@ class Bench:
         self.rows: dict[str, dict[str, tuple[str, dict]]] = {}   # setting -> key -> (label, spec)
         self.base = self.work / "models" / "base"
         self.loader = lm.Loader()
+        self.deadline: float | None = None
+        self.tested: dict[str, dict] = {}
 
     # -- data and training ---------------------------------------------------------------
     def load_data(self) -> None:
@@ -160,9 +163,18 @@ class Bench:
                 self.score_dir(run / "merged", key, split, self.domains)
         return self.share(setting, label, split)
 
+    def out_of_time(self, setting: str, key: str) -> bool:
+        """Past --deadline no new work starts: the row is listed as not run."""
+        if self.deadline is not None and time.time() > self.deadline:
+            self.not_run.setdefault(f"{setting}/{key}", "time budget of the run spent (--deadline)")
+            return True
+        return False
+
     def pick(self, setting: str, key: str, candidates: list[tuple[str, dict]]) -> None:
         """Best mean validation share; ties go to the earlier candidate."""
         best = None
+        if self.out_of_time(setting, key):
+            return
         for label, spec in candidates:
             why = merges.supports(spec, self.domains)
             if why:
@@ -176,6 +188,8 @@ class Bench:
         self.rows.setdefault(setting, {})[key] = (best[1], best[2])
 
     def fixed(self, setting: str, key: str, spec: dict, label: str | None = None) -> None:
+        if self.out_of_time(setting, key):
+            return
         why = merges.supports(spec, self.domains)
         if why:
             self.not_run[f"{setting}/{key}"] = why
@@ -196,13 +210,15 @@ class Bench:
         self.fixed(setting, "emr_tadrop", {"method": "emr", "sparsify": TADROP})
         for key, sp in (("tall", NONE), ("tall_tadrop", TADROP)):
             tall = self.tall_lambdas(setting, key, sp)
+            if tall is None:
+                continue
             self.fixed(setting, key, {"method": "tall_masks", "sparsify": sp, "tall": tall},
                        f"{key}@selected")
             ckey = key.replace("tall", "consensus")
             self.pick(setting, ckey, [
                 (f"{ckey}@{a}", {"method": "consensus", "sparsify": sp, "tall": tall,
                                  "consensus": {"k_min": 2, "alpha": a, "inner": "task_arithmetic"}})
-                for a in GRID_TA])
+                for a in GRID_ALPHA])
         # DARE rescales its survivors by 1/(1-p), so it keeps TA's lambda (as the DARE
         # paper does); p is chosen on validation.
         lam = self.rows[setting]["ta"][1]["lambda"]
@@ -213,6 +229,8 @@ class Bench:
     def tall_lambdas(self, setting: str, key: str, sparsify: dict) -> dict:
         """TALL's lambda_k per domain, each on its own domain's validation loss."""
         best: dict[str, tuple[float, float]] = {}
+        if self.out_of_time(setting, key):
+            return None
         for lam in GRID_TALL:
             label = f"{key}@{lam}"
             self.evaluate(setting, label, {"method": "tall_masks", "sparsify": sparsify,
@@ -260,12 +278,13 @@ class Bench:
         """Quantile sensitivity of EMR + TADrop, scored on the validation split
         (a sensitivity map, not a selection: no choice is made from it)."""
         out = {}
-        for a in GRID_A:
-            for b in GRID_B:
-                label = "emr_tadrop" if (a, b) == (0.5, 0.95) else f"emr_tadrop_a{a}_b{b}"
-                spec = {"method": "emr", "sparsify": {**TADROP, "a": a, "b": b}}
-                out[f"{a},{b}"] = self.evaluate(setting, label, spec, "val")["mean"]
-                print(f"  [{setting}] grid a={a} b={b} val share {out[f'{a},{b}']:.4f}", flush=True)
+        for a, b in [(a, 0.95) for a in GRID_A] + [(0.5, b) for b in GRID_B if b != 0.95]:
+            if self.out_of_time(setting, f"grid a={a} b={b}"):
+                continue
+            label = "emr_tadrop" if (a, b) == (0.5, 0.95) else f"emr_tadrop_a{a}_b{b}"
+            spec = {"method": "emr", "sparsify": {**TADROP, "a": a, "b": b}}
+            out[f"{a},{b}"] = self.evaluate(setting, label, spec, "val")["mean"]
+            print(f"  [{setting}] grid a={a} b={b} val share {out[f'{a},{b}']:.4f}", flush=True)
         self.grid_val = out
         return out
 
@@ -287,8 +306,14 @@ class Bench:
     def test(self, setting: str) -> dict[str, dict]:
         out = {}
         for key, (label, spec) in self.rows.get(setting, {}).items():
+            if key in self.tested.get(setting, {}):
+                out[key] = self.tested[setting][key]
+                continue
+            if self.out_of_time(setting, key):
+                continue
             t0 = time.time()
             out[key] = self.evaluate(setting, label, spec, "test")
+            self.tested.setdefault(setting, {})[key] = out[key]
             print(f"test [{setting}] {key:28s} {label:28s} share {out[key]['mean']:.4f} "
                   f"({time.time() - t0:.0f}s)", flush=True)
         return out
@@ -303,6 +328,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rebuild-data", action="store_true",
                     help="rebuild and re-check the data even when WORK already holds it")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: leave the other core to others)")
+    ap.add_argument("--deadline", help="UTC HH:MM after which no new merge starts (rows left are listed as not run)")
     ap.add_argument("--bench-out", type=Path, default=merges.REPO / "bench")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -339,23 +365,23 @@ def main(argv=None) -> None:
     b.check_gaps()
     if a.until == "individual":
         return
-    # Table 4 and the grid last: they need the newest EMR options (emr.tadrop,
-    # scope global_threshold); a row the product does not offer yet is listed as not run.
-    step("table1", lambda: (b.table1("full"), b.table1("lora")))
-    if a.until == "table1":
-        return
-    step("long", b.long)
-    if a.until == "long":
-        return
-    step("grid", lambda: b.grid("full"))
-    if a.until == "grid":
-        return
-    step("table4", lambda: b.table4("full"))
-    if a.until == "table4":
-        return
-    test = {s: step(f"test_{s}", lambda s=s: b.test(s)) for s in ("full", "lora", "long")}
-    if a.until == "test":
-        return
+    # Each section is selected and then tested at once, most important first, so
+    # that a run cut by --deadline leaves whole sections. Table 4 comes after the
+    # long setting: it needs the newest EMR options (emr.tadrop, scope
+    # global_threshold); a row the product does not offer yet is listed as not run.
+    if a.deadline:
+        hh, mm = map(int, a.deadline.split(":"))
+        now = time.gmtime()
+        b.deadline = time.time() + ((hh * 60 + mm) - (now.tm_hour * 60 + now.tm_min)) * 60 - now.tm_sec
+    for name, fn, setting in (("table1_full", lambda: b.table1("full"), "full"),
+                              ("long", b.long, "long"),
+                              ("table4", lambda: b.table4("full"), "full"),
+                              ("table1_lora", lambda: b.table1("lora"), "lora"),
+                              ("grid", lambda: b.grid("full"), None)):
+        step(name, fn)
+        if setting:
+            step(f"test_{setting}", lambda s=setting: b.test(s))
+    test = {s: b.test(s) for s in ("full", "lora", "long")}
     timings["total"] = round(sum(v for k, v in timings.items() if k not in ("total", "invocations")), 1)
     tfile.write_text(json.dumps(timings, indent=1))
     results.write(a.bench_out, b, test, timings)
