@@ -19,7 +19,7 @@ from tadrop import streamed
 from .checkpoints import Checkpoint
 from .globalstats import (EXTRA_FILE, SELECTED_FILE, VALUES_FILE, job_file, load_ranks, load_selectors,
                           load_values, save_selectors)
-from .faults import job_fault, write_fault
+from .faults import crash_point, job_fault, write_fault
 from .sources import RowSource as _Source
 from .writers import MaskStore, ShardPlan, ShardWriter
 
@@ -269,6 +269,7 @@ class JobRunner:
     def _save_selectors(self, name: str, phase: str, sels: list[AbsSelector]) -> dict:
         path = job_file(self.ctx.global_dir, phase, name)
         save_selectors(path, sels)
+        crash_point("global_file")   # in the worker: its file written, the job not yet reported
         return {"file": str(path.relative_to(self.ctx.state_dir))}
 
     def _sync(self) -> None:

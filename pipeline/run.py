@@ -382,7 +382,9 @@ def _model_scope_phases(plan: Plan, ctx: RunContext, executor: Executor, ledger:
     _run_phase(executor, ctx, plan.jobs["global_hi"], ledger, done, progress)
     sels = merge_selector_files([ctx.state_dir / done[j.id]["file"] for j in plan.jobs["global_hi"]], k)
     streamed.global_select(plan.spec, sels)
+    crash_point("global_select")      # every pass-1 job recorded, selected.npz not yet written
     save_selectors(gdir / SELECTED_FILE, sels)
+    crash_point("global_selected")
 
     _run_phase(executor, ctx, plan.jobs["global_lo"], ledger, done, progress)
     lo = merge_selector_files([ctx.state_dir / done[j.id]["file"] for j in plan.jobs["global_lo"]], k)
@@ -404,7 +406,9 @@ def _model_scope_phases(plan: Plan, ctx: RunContext, executor: Executor, ledger:
                     done[j.id] = {"skipped": True}
                     progress.advance(j)
     values = streamed.global_values(plan.spec, sels)
+    crash_point("global_values_pending")
     save_values(gdir / VALUES_FILE, values)
+    crash_point("global_values")
 
 
 # -- status ----------------------------------------------------------------------------------------------
