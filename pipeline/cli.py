@@ -101,10 +101,11 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from .plan import PlanError
     from .integrity import LockError, StateError
     from .ledger import LedgerError
+    from .report import ReportError
     from .run import RunError
     from .writers import MaskStoreError
     return (ConfigError, CheckpointError, PlanError, RunError, JobError, WorkerLost, ExportError, OSError,
-            LockError, StateError, LedgerError, MaskStoreError)
+            LockError, StateError, LedgerError, MaskStoreError, ReportError)
 
 
 def _merge(args) -> int:

@@ -12,6 +12,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 # Layer index: LLaMA/Mistral `model.layers.3.`, BERT `encoder.layer.3.`,
@@ -75,7 +76,14 @@ def load_rows(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "stats.parquet"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no stats table (is {run_dir} a finished tadrop run?)")
-    return pq.read_table(path).to_pylist()
+    try:
+        return pq.read_table(path).to_pylist()
+    except pa.ArrowException as e:   # a damaged file: one line naming it, never a traceback
+        raise ReportError(f"{path}: unreadable stats table ({e})") from None
+
+
+class ReportError(ValueError):
+    """The run's stats table cannot be read."""
 
 
 def _tasks_in_order(rows: list[dict]) -> list[str]:

@@ -39,7 +39,7 @@ def fam(tmp_path_factory):
 def want(tmp_path_factory, fam) -> dict:
     d = tmp_path_factory.mktemp("scope_reference")
     cfg = write_config(d / "ref.yaml", fam, d / "ref", **MODEL_SCOPE)
-    run_cli("merge", cfg, "--quiet", check=True)
+    run_cli("merge", cfg, "--quiet", check=True, timeout=900)
     digest = tree_digest(d / "ref")
     assert any(k.startswith("masks.zarr/") for k in digest) and "stats.parquet" in digest
     return digest
@@ -66,14 +66,14 @@ def test_worker_killed_after_writing_its_histogram_file(tmp_path, fam, want):
     """A worker SIGKILLed between writing its pass file and reporting the job: the driver stops with one
     line (WorkerLost, exit 1), the job is not in the ledger, and the same command finishes the run."""
     cfg = write_config(tmp_path / "cfg.yaml", fam, tmp_path / "run", **MODEL_SCOPE)
-    proc = run_cli("merge", cfg, "--quiet", env_extra={"TADROP_FAULT": "global_file:2"})
+    proc = run_cli("merge", cfg, "--quiet", env_extra={"TADROP_FAULT": "global_file:2"}, timeout=900)
     assert proc.returncode == 1, (proc.returncode, proc.stderr)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tadrop: error:"), proc.stderr
     assert "worker" in lines[0] and "died" in lines[0] and "re-run" in lines[0]
     assert "global_hi" in lines[0] or "global_lo" in lines[0], lines[0]   # names the job it was running
     assert json.loads((tmp_path / "run" / "run.json").read_text())["complete"] is False
-    run_cli("merge", cfg, "--quiet", check=True)
+    run_cli("merge", cfg, "--quiet", check=True, timeout=900)
     assert tree_digest(tmp_path / "run") == want
 
 

@@ -1,0 +1,122 @@
+"""The memory budget, measured: a merge whose one big tensor's inputs are many times the per-worker budget
+keeps every worker's peak anonymous memory (sampled from /proc the way scripts/bench_merge.py does)
+within the budget plus the per-process overhead the project documents (README "Running on a Ray
+cluster": Ray's `memory` resource = memory_budget + 512 MiB per actor; cluster.ray_executor.ACTOR_OVERHEAD)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cluster.ray_executor import ACTOR_OVERHEAD
+from conftest import REPO, write_config
+
+MiB = 2**20
+PAGE = os.sysconf("SC_PAGE_SIZE")
+BUDGET = 128 * MiB
+ROWS, COLS = 4096, 8192          # 32 Mi float32 elements: 128 MiB per input, 512 MiB over base + 3 tasks
+
+
+def _pattern(n: int, k: int) -> torch.Tensor:
+    """Cheap deterministic values with a spread of magnitudes (no RNG: generating 1 GiB must be fast)."""
+    x = (torch.arange(n, dtype=torch.float64) * (0.6180339887498949 * (k + 1))) % 1.0 - 0.5
+    return (x * x * x).float()
+
+
+@pytest.fixture(scope="module")
+def big_inputs(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("big")
+    n = ROWS * COLS
+    base = torch.zeros(ROWS, COLS)
+    paths = {}
+    for k, name in enumerate(["base", "t0", "t1", "t2"]):
+        w = base if name == "base" else base + 0.01 * _pattern(n, k).reshape(ROWS, COLS)
+        small = torch.full((64,), 1.0 + 0.001 * k)
+        (root / name).mkdir()
+        save_file({"big.weight": w, "norm.weight": small}, str(root / name / "model.safetensors"))
+        paths[name] = root / name
+        del w
+    return paths
+
+
+def _children(root: int) -> list[int]:
+    """Every live descendant of root (ppid links from /proc/*/stat)."""
+    parent = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat", "rb") as f:
+                    parent[int(d)] = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    out, frontier = [], [root]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out += kids
+        frontier += kids
+    return out
+
+
+def _is_worker(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"spawn_main" in f.read()
+    except OSError:
+        return False
+
+
+def _anon(pid: int) -> int | None:
+    """Anonymous RSS: statm resident minus shared (file-backed + shmem) pages, as bench_merge.py."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            fields = f.read().split()
+        return (int(fields[1]) - int(fields[2])) * PAGE
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@pytest.mark.slow
+def test_workers_stay_within_the_memory_budget(tmp_path, big_inputs):
+    fam = dict(big_inputs)
+    cfg = write_config(tmp_path / "c.yaml", fam, tmp_path / "run", method="emr", sparsify={"kind": "tadrop"},
+                       memory_budget=f"{BUDGET // MiB}MiB", workers=2)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "merge", str(cfg), "--quiet"], cwd=REPO,
+                            env=env, stderr=subprocess.PIPE, text=True)
+    peaks: dict[int, int] = {}
+    samples = [0]
+
+    def sample():
+        workers: list[int] = []
+        while proc.poll() is None:
+            if samples[0] % 10 == 0:
+                workers = [p for p in _children(proc.pid) if _is_worker(p)]
+            for p in workers:
+                a = _anon(p)
+                if a is not None:
+                    peaks[p] = max(peaks.get(p, 0), a)
+            samples[0] += 1
+            time.sleep(0.01)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    _, err = proc.communicate(timeout=900)
+    t.join()
+    assert proc.returncode == 0, err
+    plan = json.loads((tmp_path / "run" / ".tadrop" / "plan.json").read_text())["summary"]
+    inputs = plan["input_bytes"]
+    assert inputs >= 3 * BUDGET and plan["chunked_tensors"] >= 1, plan    # inputs much larger than it
+    assert peaks and samples[0] > 20, (peaks, samples)
+    worst = max(peaks.values())
+    print(f"\nbudget {BUDGET / MiB:.0f} MiB, inputs {inputs / MiB:.0f} MiB, worker peak anonymous "
+          f"{[round(v / MiB) for v in peaks.values()]} MiB over {samples[0]} samples")
+    assert worst <= BUDGET + ACTOR_OVERHEAD, f"a worker reached {worst / MiB:.0f} MiB anonymous"
