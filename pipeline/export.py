@@ -50,8 +50,6 @@ def _check_output(output: Path, run_dir: Path, cfg: MergeConfig) -> None:
     """Refuse up front an output that is a symlink, or lies inside an input or the run directory."""
     if output.is_symlink():
         raise ExportError(f"export output {output} is a symlink: give a real path")
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise ExportError(f"export output {output} exists and is not empty")
     out_abs = output.resolve()
     run_abs = run_dir.resolve()
     if out_abs == run_abs or any(out_abs.is_relative_to(run_abs / d) for d in
@@ -63,6 +61,8 @@ def _check_output(output: Path, run_dir: Path, cfg: MergeConfig) -> None:
         root = Path(p).resolve()   # a model dir (a single .safetensors input has no dir of its own)
         if out_abs == root or (root.is_dir() and out_abs.is_relative_to(root)):
             raise ExportError(f"export output {output} is inside {what} ({root}): choose another path")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise ExportError(f"export output {output} exists and is not empty")
 
 
 def export_task(run_dir: Path, task: str, output: Path, shard_size: int | None = None) -> Path:
