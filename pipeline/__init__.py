@@ -11,6 +11,7 @@ from importlib import import_module
 _EXPORTS = {
     "merge": "pipeline.api", "load": "pipeline.api", "RunResult": "pipeline.api",
     "MergeConfig": "pipeline.config", "ConfigError": "pipeline.config",
+    "TaskBank": "pipeline.bank",
 }
 __all__ = sorted(_EXPORTS)
 

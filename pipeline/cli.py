@@ -69,13 +69,16 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="progress of a run: exit 0 complete, 3 incomplete, 2 not a run")
     s.add_argument("run_dir", type=Path)
 
-    e = sub.add_parser("export", help="write one task's model as a Hugging Face checkpoint",
-                       description="Write one task's model of a complete run as a Hugging Face checkpoint "
+    e = sub.add_parser("export", help="write task models as Hugging Face checkpoints",
+                       description="Write task models of a complete run as Hugging Face checkpoints "
                        "(EMR: theta_0 + lambda_k M_k tau_uni; TALL: theta_0 + m_k tau_MTL; task_arithmetic, "
                        "ties, consensus: a copy of merged/), with a model card unless the run's config "
                        "says model_card: false.")
     e.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a complete run directory (`output:` of the merge)")
-    e.add_argument("--task", required=True, help="the task to export: a `models[].name` of the run's config")
+    which = e.add_mutually_exclusive_group(required=True)
+    which.add_argument("--task", help="the task to export (a `models[].name`; OUTPUT is its model), "
+                       "or a,b,c (OUTPUT/<task>/ each, one pass over the inputs)")
+    which.add_argument("--all", action="store_true", help="every task as OUTPUT/<task>/, one pass over the inputs")
     e.add_argument("--output", type=Path, required=True,
                    help="directory to create (must not exist or be empty); written beside it, renamed when whole")
     e.add_argument("--shard-size", help="bytes per output shard, e.g. 5GB (default: the run's shard_size)")
@@ -172,10 +175,15 @@ def _complete(run_dir: Path) -> bool:
 
 def _export(args) -> int:
     from .config import parse_size
-    from .export import export_task
+    from .export import export_task, export_tasks
     shard = parse_size(args.shard_size) if args.shard_size else None
-    out = export_task(args.run_dir, args.task, args.output, shard_size=shard)
-    print(f"wrote task {args.task!r} to {out}")
+    if args.task and "," not in args.task:
+        out = export_task(args.run_dir, args.task, args.output, shard_size=shard)
+        print(f"wrote task {args.task!r} to {out}")
+        return 0
+    tasks = [t.strip() for t in args.task.split(",") if t.strip()] if args.task else None
+    for task, out in export_tasks(args.run_dir, args.output, tasks, shard_size=shard).items():
+        print(f"wrote task {task!r} to {out}")
     return 0
 
 

@@ -21,6 +21,7 @@ from .integrity import read_json
 from .hfconfig import copy_non_weight_files
 from .modelcard import write_model_card
 from .plan import Plan
+from .storage import storage_accounting
 from .writers import MaskStore, atomic_write_json, fsync_dir, write_index, write_stats
 
 log = logging.getLogger("tadrop")
@@ -82,7 +83,12 @@ def reduce_run(out_dir: Path, state: Path, plan: Plan, cfg: MergeConfig, base: C
         if plan.unified_plan:
             write_index(plan.unified_plan, state / "unified.partial")
             fsync_dir(state / "unified.partial")
-        atomic_write_json(marker, {"scalars": scalars, "warnings": warnings})
+        storage = storage_accounting(
+            base, [Checkpoint.open(m.path, m.name) for m in cfg.models], method=plan.spec.method,
+            unified=state / "unified.partial" if plan.unified_plan else None,
+            masks=state / "masks.zarr.partial" if plan.write_masks else None,
+            merged=state / "merged.partial" if plan.merged_plan else None)
+        atomic_write_json(marker, {"scalars": scalars, "warnings": warnings, "storage": storage})
     crash_point("reduce_prepared")
 
     for src_name, dst_name in PUBLISHED:
@@ -96,3 +102,6 @@ def reduce_run(out_dir: Path, state: Path, plan: Plan, cfg: MergeConfig, base: C
     record = read_json(marker, " (reduce marker)")
     if record.get("scalars"):
         log.info("per-task scalars: %s", json.dumps(record["scalars"]))
+    if record.get("storage"):   # storage accounting (pipeline/storage.py) into run.json
+        run = json.loads((out_dir / "run.json").read_text())
+        atomic_write_json(out_dir / "run.json", {**run, "storage": record["storage"]})

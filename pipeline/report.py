@@ -309,5 +309,19 @@ def write_report(run_dir: Path, out_png: Path | None = None) -> str:
         text += f"\nheatmap: {png}\n"
     else:
         text += "\nno heatmap written.\n"
+    text += storage_section(run_dir)
     (run_dir / "report.txt").write_text(text)
     return text
+
+
+def storage_section(run_dir: Path) -> str:
+    """The storage table (pipeline/storage.py): from run.json, or measured now for an older run."""
+    import json
+
+    from .storage import format_storage, run_storage
+    try:
+        record = json.loads((Path(run_dir) / "run.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    rec = record.get("storage") or (run_storage(run_dir, record) if record.get("complete") else None)
+    return "\n" + format_storage(rec) if rec else ""

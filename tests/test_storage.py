@@ -1,0 +1,70 @@
+"""Storage accounting in run.json, `tadrop report` and the bank: bytes against K full checkpoints, mask
+densities, and how many tasks keep each parameter."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.bank import TaskBank
+from pipeline.checkpoints import Checkpoint
+from pipeline.report import tensor_type, write_report
+from pipeline.storage import dir_bytes, run_storage
+from pipeline.writers import MaskStore
+
+from test_bank import run_for
+
+
+def test_storage_in_run_json_report_and_bank(tmp_path_factory, request):
+    run = run_for(tmp_path_factory, request, "emr_tadrop", "family_bf16")
+    family = request.getfixturevalue("family_bf16")
+    rec = json.loads((run / "run.json").read_text())["storage"]
+    names = [n for n in family if n != "base"]
+    assert rec["tasks"] == len(names) == 4
+    assert rec["checkpoints_bytes"] == sum((family[n] / "model.safetensors").stat().st_size for n in names)
+    assert rec["base_bytes"] == (family["base"] / "model.safetensors").stat().st_size
+    assert rec["unified_bytes"] == dir_bytes(run / "unified")
+    assert rec["masks_bytes"] == dir_bytes(run / "masks.zarr")
+    assert rec["compact_bytes"] == rec["base_bytes"] + rec["unified_bytes"] + rec["masks_bytes"]
+    assert rec["ratio"] == pytest.approx(rec["checkpoints_bytes"] / rec["compact_bytes"])
+
+    # the histogram and densities, recounted from the masks
+    store = MaskStore.open(run / "masks.zarr", mode="r")
+    hist: dict = {}
+    kept = np.zeros(4, dtype=np.int64)
+    for name in store.names():
+        m = np.stack([store.read(name, k).reshape(-1) for k in range(4)])
+        kept += m.sum(1)
+        h = hist.setdefault(tensor_type(name), np.zeros(5, dtype=np.int64))
+        h += np.bincount(m.sum(0), minlength=5)
+    assert rec["keep_histogram"] == {t: v.tolist() for t, v in hist.items()}
+    numel = sum(i.numel for n, i in Checkpoint.open(run / "unified", "u").tensors.items())
+    assert rec["masked_params"] == numel == sum(sum(v) for v in rec["keep_histogram"].values())
+    assert list(rec["mask_density"]) == names
+    assert rec["mask_density"] == pytest.approx(dict(zip(names, (kept / numel).tolist())), rel=1e-12)
+    # and they agree with the per-tensor densities of stats.parquet
+    rows = pq.read_table(run / "stats.parquet").to_pylist()
+    for t in names:
+        rs = [r for r in rows if r["task"] == t]
+        w = sum(r["mask_density"] * r["numel"] for r in rs) / sum(r["numel"] for r in rs)
+        assert rec["mask_density"][t] == pytest.approx(w, rel=1e-9)
+    assert 0 < hist["mlp.down.weight"][0] and 0 < hist["mlp.down.weight"][1]
+
+    assert run_storage(run, json.loads((run / "run.json").read_text())) == rec
+    text = write_report(run)
+    assert "storage:" in text and "catastrophic" in text and "base + unified + masks" in text
+    assert f"{rec['ratio']:.2f}x" in text
+    bank = TaskBank.open(run)
+    assert bank.storage == rec
+    assert "mask density per task" in bank.storage_report()
+
+
+@pytest.mark.slow
+def test_storage_of_single_model_method(tmp_path_factory, request):
+    run = run_for(tmp_path_factory, request, "ta", "family")
+    rec = json.loads((run / "run.json").read_text())["storage"]
+    assert rec["compact"] == "merged" and rec["compact_bytes"] == dir_bytes(run / "merged")
+    assert "keep_histogram" not in rec and rec["masks_bytes"] == 0
+    assert "merged" in write_report(run)
