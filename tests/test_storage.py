@@ -50,7 +50,6 @@ def test_storage_in_run_json_report_and_bank(tmp_path_factory, request):
         rs = [r for r in rows if r["task"] == t]
         w = sum(r["mask_density"] * r["numel"] for r in rs) / sum(r["numel"] for r in rs)
         assert rec["mask_density"][t] == pytest.approx(w, rel=1e-9)
-    assert 0 < hist["mlp.down.weight"][0] and 0 < hist["mlp.down.weight"][1]
 
     assert run_storage(run, json.loads((run / "run.json").read_text())) == rec
     text = write_report(run)
