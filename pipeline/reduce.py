@@ -60,7 +60,8 @@ def task_scalars(plan: Plan, cfg: MergeConfig, results: dict) -> tuple[dict, lis
 
 
 def reduce_run(out_dir: Path, state: Path, plan: Plan, cfg: MergeConfig, base: Checkpoint,
-               results: dict) -> None:
+               results: dict, models: list) -> None:
+    """`models` are the opened inputs (checkpoints or adapters) in task order."""
     marker = state / "reduce.json"
     if not marker.exists():
         scalars, warnings = task_scalars(plan, cfg, results)
@@ -84,7 +85,7 @@ def reduce_run(out_dir: Path, state: Path, plan: Plan, cfg: MergeConfig, base: C
             write_index(plan.unified_plan, state / "unified.partial")
             fsync_dir(state / "unified.partial")
         storage = storage_accounting(
-            base, [Checkpoint.open(m.path, m.name) for m in cfg.models], method=plan.spec.method,
+            base, models, method=plan.spec.method,
             unified=state / "unified.partial" if plan.unified_plan else None,
             masks=state / "masks.zarr.partial" if plan.write_masks else None,
             merged=state / "merged.partial" if plan.merged_plan else None)

@@ -301,7 +301,7 @@ def _merge_locked(cfg: MergeConfig, plan: Plan, base: Checkpoint, models: list[C
 
     t_reduce = time.time()
     results = ledger.done()
-    reduce_run(out_dir, state, plan, cfg, base, results)
+    reduce_run(out_dir, state, plan, cfg, base, results, models)
     checksums = _output_checksums(out_dir, plan, results)
     timings["reduce_s"] = round(time.time() - t_reduce, 3)
     crash_point("before_complete")

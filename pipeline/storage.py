@@ -92,11 +92,12 @@ def storage_accounting(base: Checkpoint, models: list[Checkpoint], *, unified: P
 def run_storage(run_dir: Path, record: dict) -> dict:
     """The same record for a finished run directory (for runs made before the reduce wrote it)."""
     run_dir = Path(run_dir)
-    cfg = record["config"]
-    base = Checkpoint.open(cfg["base"], "base")
-    models = [Checkpoint.open(m["path"], m["name"]) for m in cfg["models"]]
+    from .config import MergeConfig
+    from .sources import open_inputs
+    cfg = MergeConfig.from_json(record["config"])
+    base, models = open_inputs(cfg)   # checkpoints, adapters and repo ids alike
     return storage_accounting(base, models, unified=run_dir / "unified", masks=run_dir / "masks.zarr",
-                              merged=run_dir / "merged", method=cfg["method"])
+                              merged=run_dir / "merged", method=cfg.method)
 
 
 def _gb(n: int) -> str:
