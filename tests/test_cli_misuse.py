@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,18 +35,21 @@ def test_ctrl_c_exits_130_and_the_same_command_resumes(tmp_path):
     ref = write_config(tmp_path / "ref.yaml", fam, tmp_path / "ref", **kw)
     run_cli("merge", ref, "--quiet", check=True, timeout=900)
     cfg = write_config(tmp_path / "cfg.yaml", fam, tmp_path / "run", workers=1, **kw)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # the driver holds still after its second recorded job (pipeline/faults.py), so the interrupt
+    # always lands mid-merge however fast or loaded the machine is
+    pause = tmp_path / "pause"
+    pause.touch()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TADROP_PAUSE": "after_job:2",
+           "TADROP_PAUSE_FILE": str(pause)}
     # its own process group, like a shell job: Ctrl-C sends SIGINT to the driver and its workers together
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "merge", str(cfg), "--quiet"], cwd=REPO,
                             env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    ledger = tmp_path / "run" / ".tadrop" / "ledger.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if ledger.exists() and len(ledger.read_bytes().splitlines()) >= 2:
-            break
-        time.sleep(0.005)
-    assert proc.poll() is None, "the merge ended before it could be interrupted"
+    reached = Path(str(pause) + ".reached")
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not reached.exists():
+        time.sleep(0.01)
+    assert proc.poll() is None and reached.exists(), "the merge ended before it could be interrupted"
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, (proc.returncode, err)
