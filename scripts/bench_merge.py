@@ -683,12 +683,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=1,
                     help="rounds over all cases, interleaved (case order rotates); the report gives medians")
     ap.add_argument("--report-only", action="store_true", help="rewrite merge.md from merge.json")
-<<<<<<< HEAD
     ap.add_argument("--stem", default="merge", help="result file names: <stem>.json and <stem>.md under --out")
-=======
     ap.add_argument("--adapters", action="store_true",
                     help="only the adapter row: K=16 rank-16 LoRA adapters, EMR + TADrop (bench/merge-adapters.*)")
->>>>>>> 90923bd (Extended vocabularies: tokenizer_source base|union|<model> (rows beyond V0 from the mean of the models that have them, tau 0 elsewhere, tied stay tied, differing tokens refused by id); architecture matrix and vocabulary tests; adapter benchmark row (bench_merge.py --adapters))
     args = ap.parse_args(argv)
     if args.adapters:
         if args.nice:
