@@ -1,4 +1,4 @@
-"""`tadrop merge | status | verify | export | report`: the command line.
+"""`tadrop merge | status | verify | export | report | tune`: the command line.
 
 Errors we understand (bad config, bad checkpoint, conflicting run, failed job) print one clear line
 naming the file/tensor/key at fault and exit 1; `status` exits 0 complete, 3 incomplete, 2 not a run.
@@ -89,6 +89,16 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--verify-inputs", action="store_true",
                    help="also re-hash the inputs against the hashes `merge --verify-inputs` recorded")
 
+    t = sub.add_parser("tune", help="choose TALL's lambda per task with your validation score; "
+                       "rewrites the run's masks")
+    t.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a complete TALL run directory")
+    t.add_argument("--grid", default="0.2,0.3,0.4,0.5,0.6", help="lambda values to try (default: TALL's)")
+    t.add_argument("--score", required=True, metavar="MODULE:FUNCTION",
+                   help="f(task_name, model) -> float, higher is better (the current directory is importable)")
+    t.add_argument("--model-class", help="transformers class to load each task model with "
+                   "(default: config.json's architectures, else AutoModel)")
+    t.add_argument("--quiet", action="store_true", help="no progress messages")
+
     r = sub.add_parser("report", help="drop-rate heatmap (PNG) and summary from stats.parquet")
     r.add_argument("run_dir", type=Path)
     r.add_argument("--output", type=Path, help="PNG path (default RUN/report.png)")
@@ -106,9 +116,10 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from .ledger import LedgerError
     from .report import ReportError
     from .run import RunError
+    from .tune import TuneError
     from .writers import MaskStoreError
     return (ConfigError, CheckpointError, PlanError, RunError, JobError, WorkerLost, ExportError, OSError,
-            LockError, StateError, LedgerError, MaskStoreError, ReportError)
+            LockError, StateError, LedgerError, MaskStoreError, ReportError, TuneError)
 
 
 def _merge(args) -> int:
@@ -187,6 +198,12 @@ def _export(args) -> int:
     return 0
 
 
+def _tune(args) -> int:
+    from .tune import parse_grid, tune
+    tune(args.run_dir, parse_grid(args.grid), args.score, model_class=args.model_class, quiet=args.quiet)
+    return 0
+
+
 def _report(args) -> int:
     from .report import write_report
     print(write_report(args.run_dir, args.output))
@@ -200,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr)
     handlers = {"merge": _merge, "export": _export, "report": _report, "verify": _verify,
-                "status": _status}
+                "status": _status, "tune": _tune}
     try:
         rc = handlers[args.command](args)
         sys.stdout.flush()

@@ -147,13 +147,13 @@ class EMRConfig(_Strict):
 class TallConfig(_Strict):
     lambdas: dict[str, Annotated[Float, Field(ge=0.0)]] = Field(default_factory=dict)
     default_lambda: Float = Field(0.4, ge=0.0)
-    inner: Literal["task_arithmetic", "ties"] = "task_arithmetic"
+    inner: Literal["task_arithmetic", "ties", "ties_official"] = "task_arithmetic"
 
 
 class ConsensusConfig(_Strict):
     k_min: Int = Field(2, ge=1)
     alpha: Float = 0.3
-    inner: Literal["task_arithmetic", "ties"] = "task_arithmetic"
+    inner: Literal["task_arithmetic", "ties", "ties_official"] = "task_arithmetic"
 
 
 class RayConfig(_Strict):
@@ -255,6 +255,10 @@ class MergeConfig(_Strict):
         if self.method == "emr" and self.emr.tadrop == "mask" and sp.kind not in ("tadrop", "topk"):
             raise ValueError(f"emr.tadrop: 'mask' combines TADrop's (or top-k's) keep mask with EMR's "
                              f"sign mask and needs sparsify.kind tadrop or topk (got {sp.kind!r})")
+        inner_key = {"tall_masks": "tall", "consensus": "consensus"}.get(self.method)
+        if inner_key and getattr(self, inner_key).inner == "ties_official" and sp.kind != "none":
+            raise ValueError(f"{inner_key}.inner: 'ties_official' trims inside its TIES step as the official "
+                             f"TALL code does and needs sparsify.kind none (got {sp.kind!r})")
         unknown = [k for k in self.tall.lambdas if k not in names]
         if unknown:
             raise ValueError(f"tall.lambdas: unknown task(s) {', '.join(map(repr, unknown))}; "

@@ -54,9 +54,14 @@ def load_run(run_dir: Path) -> tuple[dict, MergeConfig]:
                           f"{len(cfg.get('models', []))} tasks): incomplete; "
                           "re-run the same `tadrop merge` command to continue")
     try:
-        return record, MergeConfig.from_json(record["config"])
+        cfg = MergeConfig.from_json(record["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise ExportError(f"{run_dir / 'run.json'}: corrupt config ({e})") from None
+    tuned = (record.get("tune") or {}).get("lambdas") if isinstance(record.get("tune"), dict) else None
+    if cfg.method == "tall_masks" and isinstance(tuned, dict):
+        # a tuned run is the fresh merge with tall.lambdas set to tune's choices: its model cards say so
+        cfg = cfg.model_copy(update={"tall": cfg.tall.model_copy(update={"lambdas": dict(tuned)})})
+    return record, cfg
 
 
 @contextmanager

@@ -19,6 +19,7 @@ from .writers import atomic_write_bytes
 SELECTED_FILE = "selected.npz"   # the merged pass-1 histograms, read by pass-2 jobs
 VALUES_FILE = "values.npz"       # per task: the model-wide drop rate (TADrop) or threshold (top-k)
 EXTRA_FILE = "extra_ranks.npz"   # global_threshold: per task, ranks a further lo pass must resolve
+MAJORITY_FILE = "majority.npz"   # inner ties_official: the model-wide majority sign
 
 
 def _save(path: Path, arrays: dict) -> None:
@@ -61,6 +62,15 @@ def load_values(path: Path) -> list:
     """Per task a float, or a tuple of floats (global_threshold: (d, threshold))."""
     with np.load(path, allow_pickle=False) as z:
         return [tuple(map(float, v)) if np.ndim(v) else float(v) for v in z["values"]]
+
+
+def save_majority(path: Path, majority: float) -> None:
+    _save(path, {"majority": np.asarray([majority], dtype=np.float64)})
+
+
+def load_majority(path: Path) -> float:
+    with np.load(path, allow_pickle=False) as z:
+        return float(z["majority"][0])
 
 
 def save_ranks(path: Path, ranks: list[list[int]]) -> None:

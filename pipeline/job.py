@@ -17,9 +17,9 @@ from tadrop import AbsSelector, MergeSpec, NonFiniteError, TensorPlan
 from tadrop import streamed
 
 from .checkpoints import Checkpoint
-from .globalstats import (EXTRA_FILE, SELECTED_FILE, VALUES_FILE, job_file, load_ranks, load_selectors,
-                          load_values, save_selectors)
 from .faults import crash_point, job_fault, write_fault
+from .globalstats import (EXTRA_FILE, MAJORITY_FILE, SELECTED_FILE, VALUES_FILE, job_file, load_majority,
+                          load_ranks, load_selectors, load_values, save_selectors)
 from .sources import RowSource as _Source
 from .writers import MaskStore, ShardPlan, ShardWriter
 
@@ -57,7 +57,7 @@ def check_float16(rows: torch.Tensor, name: str, clamp: bool, warnings: list[str
 class Job:
     """One tensor's work in one phase. `id` is stable across runs: it keys the ledger."""
 
-    kind: str          # 'global_hi' | 'global_lo' | 'global_thr' | 'merge' | 'copy'
+    kind: str          # 'global_hi' | 'global_lo' | 'global_thr' | 'global_sign' | 'merge' | 'copy'
     tensor: str
     nbytes: int        # input bytes read (for progress and scheduling)
 
@@ -204,6 +204,10 @@ class JobRunner:
                 return self._global_lo(job.tensor)
             if job.kind == "global_thr":
                 return self._global_thr(job.tensor)
+            if job.kind == "global_sign":
+                return {"sign_sum": streamed.global_sign_count(
+                    self.ctx.spec, job.tensor, self._source(job.tensor), self.ctx.tensor_plans[job.tensor],
+                    self._global_values(), device=self.ctx.device)}
             raise JobError(f"unknown job kind {job.kind!r}")
         except JobError:
             raise
@@ -219,10 +223,11 @@ class JobRunner:
     def _merge(self, name: str) -> dict:
         ctx = self.ctx
         global_values = self._global_values() if ctx.model_scope else None
+        majority = (load_majority(ctx.global_dir / MAJORITY_FILE) if ctx.spec.official_ties else None)
         src = self._source(name)
         result = streamed.merge_tensor(
             ctx.spec, name, src, _Sink(self, name, src.rows), ctx.tensor_plans[name],
-            global_values=global_values, device=ctx.device,
+            global_values=global_values, device=ctx.device, majority=majority,
         )
         self._sync()
         return self._finish(name, result.to_dict())

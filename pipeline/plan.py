@@ -24,7 +24,7 @@ _DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "
                 "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 _DTYPE_CODES = {v: k for k, v in _DTYPE_NAMES.items()}
 
-PHASES = ("global_hi", "global_lo", "global_thr", "merge")
+PHASES = ("global_hi", "global_lo", "global_thr", "global_sign", "merge")
 MERGED_METHODS = {"task_arithmetic", "ties", "consensus"}
 UNIFIED_METHODS = {"emr", "tall_masks"}
 MASK_METHODS = {"emr", "tall_masks", "consensus"}
@@ -191,7 +191,7 @@ def make_plan(cfg: MergeConfig, base: Checkpoint, models: list[Checkpoint], tabl
         entries = [(n, _DTYPE_CODES[unified_dtypes[n]], out_shape(n)) for n in sorted(table.merge)]
         unified_plan = plan_shards(entries, int(cfg.shard_size))
 
-    model_scope = getattr(spec.sparsifier, "scope", "tensor") != "tensor" and spec.sparsifier.needs_fit
+    model_scope = spec.global_scope      # a model-scope Phi, or the official TIES trim of inner ties_official
     for sp in (merged_plan, unified_plan):
         warn_small_shards(sp, int(cfg.shard_size))
     plan = Plan(
@@ -215,6 +215,8 @@ def make_plan(cfg: MergeConfig, base: Checkpoint, models: list[Checkpoint], tabl
         plan.jobs["global_lo"] = [Job("global_lo", j.tensor, j.nbytes) for j in plan.jobs["global_hi"]]
         if spec.sparsifier.scope == "global_threshold":   # only run when the lo pass missed a threshold
             plan.jobs["global_thr"] = [Job("global_thr", j.tensor, j.nbytes) for j in plan.jobs["global_hi"]]
+        if spec.official_ties:                  # the majority sign of the official TIES
+            plan.jobs["global_sign"] = [Job("global_sign", j.tensor, j.nbytes) for j in plan.jobs["global_hi"]]
     return plan
 
 

@@ -26,8 +26,8 @@ from .checkpoints import Checkpoint, CheckpointError, _summarize, validate_input
 from .config import MergeConfig, check_device
 from .executor import Executor, LocalExecutor, WorkerLost, local_executor
 from .faults import crash_point
-from .globalstats import (EXTRA_FILE, SELECTED_FILE, VALUES_FILE, merge_selector_files, save_ranks,
-                          save_selectors, save_values)
+from .globalstats import (EXTRA_FILE, MAJORITY_FILE, SELECTED_FILE, VALUES_FILE, merge_selector_files,
+                          save_majority, save_ranks, save_selectors, save_values)
 from .job import Job, RunContext
 from .ledger import Ledger
 from .plan import Plan, describe, make_plan, mask_chunk_rows
@@ -409,6 +409,10 @@ def _model_scope_phases(plan: Plan, ctx: RunContext, executor: Executor, ledger:
     crash_point("global_values_pending")
     save_values(gdir / VALUES_FILE, values)
     crash_point("global_values")
+    if plan.jobs.get("global_sign"):     # inner ties_official: the model-wide majority sign
+        _run_phase(executor, ctx, plan.jobs["global_sign"], ledger, done, progress)
+        total = sum(int(done[j.id]["sign_sum"]) for j in plan.jobs["global_sign"])
+        save_majority(gdir / MAJORITY_FILE, float((total > 0) - (total < 0)))
 
 
 # -- status ----------------------------------------------------------------------------------------------

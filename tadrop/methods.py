@@ -82,6 +82,52 @@ def ties(base, taus, lam, *, out=None) -> torch.Tensor:
     return _base_plus(base, _ties_mean64(_flat_tasks(taus)), lam, out)
 
 
+def _official_trimmed(taus, keep) -> torch.Tensor:
+    """float32 [K, m] scratch: the trimmed task vectors tau'_k * keep_k."""
+    K, m = taus.shape[0], taus[0].numel()
+    t2 = scratch("m.trim", K * m, torch.float32, taus.device).view(K, m)
+    return torch.mul(_flat_tasks(taus), keep.reshape(K, m), out=t2)
+
+
+def _official_sign(S: torch.Tensor, majority: float) -> torch.Tensor:
+    """float32 sign(S) with zeros set to `majority` (official `resolve_zero_signs`, 'majority')."""
+    s = scratch("m.sign", S.numel(), torch.float32, S.device).copy_(torch.sign(S))
+    if majority != 0:
+        s.masked_fill_(s == 0, float(majority))
+    return s
+
+
+def ties_official_sign_sum(taus, keep) -> int:
+    """sum over the chunk's entries of sign(sum_k tau'_k keep_k): this chunk's share of the
+    model-wide majority sign that `ties_official_vector` gives entries whose sum is zero."""
+    S = _sum64(_official_trimmed(taus, keep))
+    return int(torch.count_nonzero(S > 0)) - int(torch.count_nonzero(S < 0))
+
+
+def ties_official_vector(taus, keep, majority: float, *, out=None) -> torch.Tensor:
+    """TIES inside TALL masks / consensus as the official TALL code builds it: `ties_merging(
+    tv_flat_checks, reset_thresh=20, merge_func="dis-sum")` (nik-dim/tall_masks
+    src/eval/aggregation.py:109 and :129, src/utils/ties_utils.py:49-59):
+      trim     keep_k = the task's model-wide top-k mask (utils.py:251-282, computed by the caller);
+      elect    s = sign(sum_k tau'_k keep_k); s = 0 takes the model-wide majority sign(sum of s)
+               (ties_utils.py:7-20; `majority` is that sign, from a statistics pass);
+      disjoint SUM (not mean): sum_k of tau'_k keep_k where it is > 0 if s > 0, else < 0
+               (ties_utils.py:28-39; s = 0 with a zero majority selects the negative entries).
+    Sums are float64 (the official sums in float32), the result float32."""
+    t2 = _official_trimmed(taus, keep)
+    K, m = t2.shape
+    s = _official_sign(_sum64(t2), majority)
+    sel = scratch("m.bool2", K * m, torch.bool, t2.device).view(K, m)
+    pos = torch.gt(t2, 0, out=scratch("m.bool3", K * m, torch.bool, t2.device).view(K, m))
+    torch.lt(t2, 0, out=sel)
+    sel.copy_(torch.where(s > 0, pos, sel))
+    t2.mul_(sel)
+    total = sum_tasks64(t2, scratch("m.num64", m, torch.float64, t2.device))
+    out = _out(out, taus.shape[1:], torch.float32, taus.device)
+    out.reshape(-1).copy_(total)
+    return out
+
+
 @dataclass
 class EMRChunk:
     tau_uni: torch.Tensor                  # float32 [*chunk]

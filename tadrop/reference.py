@@ -173,8 +173,39 @@ def _ties_vector64(taus):
     return torch.where(count > 0, total / count.clamp(min=1), torch.zeros((), dtype=torch.float64))
 
 
-def _tau_mtl(taus, inner):
+def _tau_mtl(taus, inner, official=None):
+    if inner == "ties_official":
+        return _ties_official64(taus, *official).float()
     return (_ties_vector64(taus) if inner == "ties" else _sum64(taus)).float()
+
+
+# ---- TIES inside TALL / consensus as the official TALL code builds it -------------------
+# nik-dim/tall_masks src/eval/aggregation.py:109 and :129: ties_merging(tv, reset_thresh=20,
+# merge_func="dis-sum"); src/utils/ties_utils.py:7-59 and src/utils/utils.py:251-282.
+
+def _official_thresholds(taus_by_name: dict, K: int) -> list[float]:
+    """Per task over its whole flattened vector: the k-th smallest |tau| (1-based), k = n - int(n * 0.2)
+    (topk_values_mask with K=20: keep |tau| >= it)."""
+    out = []
+    for k in range(K):
+        a = torch.cat([taus[k].abs().reshape(-1) for taus in taus_by_name.values()])
+        n = a.numel()
+        out.append(float(torch.sort(a).values[n - math.floor(n * 0.2) - 1]))
+    return out
+
+
+def _official_majority(trimmed_by_name: dict) -> float:
+    """sign of the sum over every entry of the model of sign(sum_k trimmed_k) (resolve_zero_signs)."""
+    total = sum(int(torch.sign(_sum64(t)).sum()) for t in trimmed_by_name.values())
+    return float((total > 0) - (total < 0))
+
+
+def _ties_official64(taus, keep, majority):
+    trimmed = (taus * keep).double()
+    s = torch.sign(_sum64(taus * keep))
+    s = torch.where(s == 0, torch.tensor(majority, dtype=torch.float64), s)   # zero -> majority
+    sel = torch.where(s > 0, trimmed > 0, trimmed < 0)                         # disjoint, as official
+    return _sum64((taus * keep) * sel)                                          # 'sum', not mean
 
 
 def _tall_masks(taus, tau_mtl, lambdas):
@@ -238,6 +269,13 @@ def merge_state_dicts(spec: MergeSpec, base_sd: StateDict, task_sds: Sequence[St
     global_vals = [None] * K
     if phi.needs_fit and phi.scope != "tensor" and taus_by_name:
         global_vals = _model_scope_values(spec, taus_by_name)
+    official = {}
+    if spec.official_ties and taus_by_name:   # trim keep masks from the raw tau_k, then the weights
+        thr = _official_thresholds(taus_by_name, K)
+        keeps = {n: torch.stack([t[k].abs() >= thr[k] for k in range(K)]) for n, t in taus_by_name.items()}
+        weighted = {n: torch.stack([t[k] * spec.weights[k] for k in range(K)]) for n, t in taus_by_name.items()}
+        majority = _official_majority({n: weighted[n] * keeps[n] for n in taus_by_name})
+        official = {n: (keeps[n], majority) for n in taus_by_name}
 
     merged = {} if "merged" in spec.outputs else None
     unified = {} if "unified" in spec.outputs else None
@@ -273,8 +311,7 @@ def merge_state_dicts(spec: MergeSpec, base_sd: StateDict, task_sds: Sequence[St
                 tuple(float(taus[k].double().abs().sum()) for k in range(K)),
                 tuple(float((tau_uni.double().abs() * m[k]).sum()) for k in range(K)), n))
         else:
-            inner = spec.tall_inner if spec.method == "tall_masks" else spec.consensus_inner
-            tau_mtl = _tau_mtl(taus, inner)
+            tau_mtl = _tau_mtl(taus, spec.inner, official.get(name))
             m = _tall_masks(taus, tau_mtl, spec.tall_lambdas)
             if spec.method == "tall_masks":
                 unified[name] = cast(tau_mtl, t0)

@@ -460,6 +460,20 @@ class TopK(Sparsifier):
         return 1.0
 
 
+@dataclass(frozen=True)
+class OfficialTopK(TopK):
+    """The top-k trim of the official TALL code's TIES (`topk_values_mask`, nik-dim/tall_masks
+    src/utils/utils.py:251-282, called with K=20 over each task's whole flattened vector):
+    keep |tau| >= the k-th smallest |tau| (1-based, torch.kthvalue) with k = n - int(n * density),
+    i.e. the floor(density n) + 1 largest, ties kept; one entry more than `TopK`.  Model scope
+    only: the threshold inside `inner: ties_official` (spec.global_phi)."""
+    density: float = 0.2
+    scope: str = "model"
+
+    def _rank(self, n: int) -> int:
+        return max(0, n - math.floor(n * self.density) - 1)
+
+
 def _block_seed(seed: int, tensor: str, task: str, block: int) -> int:
     h = hashlib.blake2b(repr((int(seed), tensor, task, int(block))).encode(), digest_size=8)
     return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)

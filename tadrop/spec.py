@@ -13,9 +13,13 @@ from typing import Protocol, Sequence
 
 import torch
 
-from .sparsify import Identity, Sparsifier, TADrop, TopK
+from .sparsify import Identity, OfficialTopK, Sparsifier, TADrop, TopK
 
 METHODS = ("task_arithmetic", "ties", "emr", "tall_masks", "consensus")
+INNER = ("task_arithmetic", "ties", "ties_official")
+# the official TALL code's TIES keeps each task's top 20% (ties_merging(reset_thresh=20),
+# nik-dim/tall_masks src/eval/aggregation.py:109, :129)
+OFFICIAL_TIES_DENSITY = 0.2
 _DEFAULT_LAM = {"task_arithmetic": 0.3, "ties": 1.0}
 _OUTPUTS = {
     "task_arithmetic": frozenset({"merged"}),
@@ -36,6 +40,8 @@ class MergeSpec:
     task_sparsifiers: one Phi per task (per-model density / p, as mergekit's
     per-model `density`); same kind and scope as `sparsifier`, which they
     replace task by task (`phi(k)`).
+    tall_grid: tall_masks only, for `tadrop tune`: the engine also hands the sink the
+    masks of every lambda in the grid (`sink.grid_masks(i, r0, r1, masks)`).
     emr_tadrop: how EMR uses a TADrop (or top-k) Phi: 'rescaled' (tau'_k = Phi(tau_k)
     before EMR) or 'mask' (EMR on the raw tau_k, M_k times Phi's keep mask, Phi's
     per-tensor rescale factor stored beside lambda_k), SPEC section 2.
@@ -54,6 +60,7 @@ class MergeSpec:
     consensus_inner: str = "task_arithmetic"
     seed: int = 0
     task_sparsifiers: tuple[Sparsifier, ...] | None = None
+    tall_grid: tuple[float, ...] = ()
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -68,11 +75,17 @@ class MergeSpec:
         put("weights", (1.0,) * K if self.weights is None else tuple(float(w) for w in self.weights))
         tl = self.tall_lambdas
         put("tall_lambdas", (float(tl),) * K if isinstance(tl, (int, float)) else tuple(map(float, tl)))
+        put("tall_grid", tuple(float(g) for g in self.tall_grid))
+        if self.tall_grid and self.method != "tall_masks":
+            raise ValueError("tall_grid is for method tall_masks")
         if len(self.weights) != K or len(self.tall_lambdas) != K:
             raise ValueError("weights and tall_lambdas need one entry per task")
         for attr in ("tall_inner", "consensus_inner"):
-            if getattr(self, attr) not in ("task_arithmetic", "ties"):
-                raise ValueError(f"{attr} must be task_arithmetic or ties")
+            if getattr(self, attr) not in INNER:
+                raise ValueError(f"{attr} must be one of {INNER}")
+        if self.official_ties and not isinstance(self.sparsifier, Identity):
+            raise ValueError("inner 'ties_official' trims inside the TIES step as the official TALL "
+                             "code does: the sparsifier must be none")
         if self.emr_rescaler not in ("official", "global"):
             raise ValueError("emr_rescaler must be official or global")
         if self.task_sparsifiers is not None:
@@ -92,6 +105,29 @@ class MergeSpec:
     def phi(self, k: int) -> Sparsifier:
         """Task k's sparsifier (its own when task_sparsifiers is set)."""
         return self.sparsifier if self.task_sparsifiers is None else self.task_sparsifiers[k]
+
+    @property
+    def inner(self) -> str | None:
+        """The merge inside tall_masks / consensus that gives tau_MTL (None for other methods)."""
+        return {"tall_masks": self.tall_inner, "consensus": self.consensus_inner}.get(self.method)
+
+    @property
+    def official_ties(self) -> bool:
+        """tau_MTL by the official TALL code's TIES (model-wide trim, majority sign, disjoint sum)."""
+        return self.inner == "ties_official"
+
+    def global_phi(self, k: int) -> Sparsifier | None:
+        """The sparsifier whose model-wide statistics the global passes compute for task k:
+        a model-scope Phi, else the official TIES trim of `inner: ties_official`, else None."""
+        phi = self.phi(k)
+        if phi.needs_fit and phi.scope != "tensor":
+            return phi
+        return OfficialTopK(OFFICIAL_TIES_DENSITY) if self.official_ties else None
+
+    @property
+    def global_scope(self) -> bool:
+        """Statistics over the whole model are needed before the merge."""
+        return self.global_phi(0) is not None if self.K else False
 
     @property
     def emr_mask_mode(self) -> bool:

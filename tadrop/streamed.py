@@ -45,18 +45,18 @@ class TensorPlan:
 
 def _bytes_per_element(spec: MergeSpec, K: int) -> int:
     """Engine buffers per element of a chunk: taus, base, outputs, the method's temporaries."""
-    inner_ties = 4 * K + 16
+    inner = {"ties": 4 * K + 16, "ties_official": 7 * K + 28}.get(spec.inner, 0)
     per = {
         "task_arithmetic": 4 * K + 24,
         "ties": 8 * K + 40,
         "emr": 8 * K + K + 32,
-        "tall_masks": 4 * K + K + 40 + (inner_ties if spec.tall_inner == "ties" else 0),
-        "consensus": 4 * K + K + 44 + (inner_ties if spec.consensus_inner == "ties" else 0),
+        "tall_masks": 4 * K + K + 40 + inner,
+        "consensus": 4 * K + K + 44 + inner,
     }[spec.method]
     if spec.sparsifier.needs_fit:
         per += 9          # hi codes (int32), lo selection mask (bool), a float32 scratch
-    if spec.emr_mask_mode:
-        per += K          # Phi's keep masks
+    if spec.emr_mask_mode or spec.official_ties:
+        per += K          # Phi's / the official trim's keep masks
     return per + 16       # float64 sum blocks, DARE keep mask
 
 
@@ -189,13 +189,15 @@ def _stats_row(name, task, st: SparsifyStats, mask_density):
 class _Combiner:
     """Runs the merge method on [K, m] chunks, feeding the sink and accumulating sums."""
 
-    def __init__(self, spec: MergeSpec, shape, device):
-        self.spec, self.shape, self.device = spec, tuple(shape), device
+    def __init__(self, spec: MergeSpec, shape, device, majority: float | None = None):
+        self.spec, self.shape, self.device, self.majority = spec, tuple(shape), device, majority
         self.mask_counts = [0] * spec.K
         self.emr_sums = M.EMRSums(spec.K, device) if spec.method == "emr" else None
 
-    def _mtl(self, taus, inner, m):
+    def _mtl(self, taus, inner, m, keep):
         out = scratch("eng.uni", m, torch.float32, self.device)
+        if inner == "ties_official":
+            return M.ties_official_vector(taus, keep, self.majority, out=out)
         return (M.ties_vector if inner == "ties" else M.task_sum)(taus, out=out)
 
     def _count(self, masks):
@@ -217,8 +219,7 @@ class _Combiner:
             M.emr(taus, out_uni=uni, out_masks=masks, sums=self.emr_sums, keep=keep)
             sink.unified(r0, r1, uni.view(rs))
         else:
-            inner = spec.tall_inner if method == "tall_masks" else spec.consensus_inner
-            uni = self._mtl(taus, inner, m)
+            uni = self._mtl(taus, spec.inner, m, keep)
             M.tall_masks(taus, uni, spec.tall_lambdas, out=masks)
             if method == "tall_masks":
                 sink.unified(r0, r1, uni.view(rs))
@@ -227,26 +228,43 @@ class _Combiner:
                 sink.merged(r0, r1, out.view(rs))
         self._count(masks)
         sink.masks(r0, r1, masks.view(K, *rs))
+        for i, g in enumerate(spec.tall_grid):       # `tadrop tune`: every grid value's masks
+            M.tall_masks(taus, uni, (g,) * K, out=masks)
+            sink.grid_masks(i, r0, r1, masks.view(K, *rs))
+
+
+def _official_keep(t: torch.Tensor, threshold: float, out: torch.Tensor) -> torch.Tensor:
+    """inner ties_official: the task's model-wide top-k trim, |tau_k| >= its threshold."""
+    a = torch.abs(t, out=scratch("eng.abs", t.numel(), torch.float32, t.device))
+    return torch.ge(a, float(threshold), out=out)
 
 
 def merge_tensor(spec: MergeSpec, name: str, src: TensorSource, sink: TensorSink, plan: TensorPlan,
-                 global_values: Sequence[float] | None = None, device="cpu") -> TensorResult:
-    """Merges one tensor (all K tasks) chunk by chunk; returns its stats rows and EMR partials."""
+                 global_values: Sequence[float] | None = None, device="cpu",
+                 majority: float | None = None) -> TensorResult:
+    """Merges one tensor (all K tasks) chunk by chunk; returns its stats rows and EMR partials.
+    global_values: per task, the model-wide value of `spec.global_phi` (model scope);
+    majority: inner ties_official's model-wide majority sign (`global_sign_count`)."""
     K, phi, dev = spec.K, spec.sparsifier, torch.device(device)
     begin_scratch_generation(plan.est_bytes)
     rd = _Reader(name, src, spec, dev)
     n, rows, rn = rd.n, rd.rows, rd.rn
-    if phi.needs_fit and phi.scope != "tensor" and global_values is None:
+    if spec.global_scope and global_values is None:
         raise ValueError(f"tensor {name!r}: a model-scope sparsifier needs global_values")
-    gv = list(global_values) if global_values is not None else [None] * K
+    official = spec.official_ties
+    if official and majority is None:
+        raise ValueError(f"tensor {name!r}: inner ties_official needs the model-wide majority sign")
+    thr = list(global_values) if official else None           # the official TIES trim's thresholds
+    gv = list(global_values) if global_values is not None and not official else [None] * K
     key = lambda k, off: ChunkKey(spec.seed, name, spec.task_names[k], off)  # noqa: E731
-    comb = _Combiner(spec, src.shape, dev)
+    comb = _Combiner(spec, src.shape, dev, majority)
     stats: list[SparsifyStats | None] = [None] * K
     cr = max(1, min(plan.chunk_rows, rows))
     cap = cr * rn
 
     mask_mode = spec.emr_mask_mode     # EMR 'mask': keep tau_k raw, Phi's keep mask on the side
-    keep_buf = scratch("eng.keep", K * cap, torch.bool, dev).view(K, cap) if mask_mode and n else None
+    keep_buf = (scratch("eng.keep", K * cap, torch.bool, dev).view(K, cap)
+                if (mask_mode or official) and n else None)
 
     def weigh(k, t):
         if spec.weights[k] != 1.0:
@@ -265,6 +283,8 @@ def merge_tensor(spec: MergeSpec, name: str, src: TensorSource, sink: TensorSink
                 spec.phi(k).keep_entries(t, stats[k], keep_buf[k])
             else:
                 stats[k] = _named(lambda: spec.phi(k).fit_apply_(t, key(k, 0), global_value=gv[k]), name, task)
+            if official:
+                _official_keep(t, thr[k], keep_buf[k])
             weigh(k, t)
         comb(0, rows, taus, base, sink, keep_buf)
     else:
@@ -289,13 +309,15 @@ def merge_tensor(spec: MergeSpec, name: str, src: TensorSource, sink: TensorSink
             m = (r1 - r0) * rn
             base = rd.base(r0, r1, base_buf[:m])
             taus = taus_buf[:, :m]
-            keep = keep_buf[:, :m] if mask_mode else None
+            keep = keep_buf[:, :m] if keep_buf is not None else None
             for k in range(K):
                 t = rd.tau(k, r0, r1, base, taus[k])
                 if mask_mode:
                     spec.phi(k).keep_entries(t, stats[k], keep[k])
                 else:
                     spec.phi(k).apply(t, stats[k], key(k, r0 * rn))
+                if official:
+                    _official_keep(t, thr[k], keep[k])
                 weigh(k, t)
             comb(r0, r1, taus, base, sink, keep)
     has_masks = "masks" in spec.outputs
@@ -313,11 +335,42 @@ def merge_tensor(spec: MergeSpec, name: str, src: TensorSource, sink: TensorSink
 # ---- model scope ------------------------------------------------------------------
 
 def _global_phi(spec: MergeSpec) -> Sparsifier:
-    phi = spec.sparsifier
-    if not (phi.needs_fit and phi.scope != "tensor"):
+    if not spec.global_scope:
         raise ValueError("model-scope passes need a TADrop/TopK sparsifier with scope 'model' "
-                         "or 'global_threshold'")
-    return phi
+                         "or 'global_threshold', or inner ties_official")
+    return spec.global_phi(0)
+
+
+def global_sign_count(spec: MergeSpec, name: str, src: TensorSource, plan: TensorPlan,
+                      global_values: Sequence[float], device="cpu") -> int:
+    """inner ties_official: this tensor's sum over entries of sign(sum_k of the trimmed tau'_k);
+    the sum over the model is the official code's majority sign (its sign), which entries whose
+    sum is zero take (nik-dim/tall_masks src/utils/ties_utils.py:7-14)."""
+    if not spec.official_ties:
+        raise ValueError("the sign pass is for inner ties_official")
+    begin_scratch_generation(plan.est_bytes)
+    dev = torch.device(device)
+    rd = _Reader(name, src, spec, dev)
+    if rd.n == 0:
+        return 0
+    K = spec.K
+    cr = max(1, min(plan.chunk_rows, rd.rows))
+    taus_buf = scratch("eng.taus", K * cr * rd.rn, torch.float32, dev).view(K, -1)
+    keep_buf = scratch("eng.keep", K * cr * rd.rn, torch.bool, dev).view(K, -1)
+    base_buf = scratch("eng.base", cr * rd.rn, torch.float32, dev)
+    total = 0
+    for r0 in range(0, rd.rows, cr):
+        r1 = min(rd.rows, r0 + cr)
+        m = (r1 - r0) * rd.rn
+        base = rd.base(r0, r1, base_buf[:m])
+        taus, keep = taus_buf[:, :m], keep_buf[:, :m]
+        for k in range(K):
+            t = rd.tau(k, r0, r1, base, taus[k])
+            _official_keep(t, global_values[k], keep[k])
+            if spec.weights[k] != 1.0:
+                t.mul_(spec.weights[k])
+        total += M.ties_official_sign_sum(taus, keep)
+    return total
 
 
 def global_pass_hi(spec: MergeSpec, name: str, src: TensorSource, plan: TensorPlan,
@@ -344,7 +397,7 @@ def global_select(spec: MergeSpec, selectors: Sequence[AbsSelector]) -> None:
     (optional: `global_pass_lo` derives the same buckets itself)."""
     _global_phi(spec)
     for k, s in enumerate(selectors):
-        s.select(spec.phi(k).model_lo_ranks(s))
+        s.select(spec.global_phi(k).model_lo_ranks(s))
 
 
 def global_pass_lo(spec: MergeSpec, name: str, src: TensorSource, plan: TensorPlan,
@@ -353,7 +406,7 @@ def global_pass_lo(spec: MergeSpec, name: str, src: TensorSource, plan: TensorPl
     need; `selectors` are the merged hi selectors (not modified).  Merge the
     returned parts into them, then call `global_values`."""
     _global_phi(spec)
-    return _lo_parts(spec, name, src, plan, [selectors[k].lo_part(spec.phi(k).model_lo_ranks(selectors[k]))
+    return _lo_parts(spec, name, src, plan, [selectors[k].lo_part(spec.global_phi(k).model_lo_ranks(selectors[k]))
                                              for k in range(spec.K)], device)
 
 
@@ -372,7 +425,7 @@ def global_extra_ranks(spec: MergeSpec, selectors: Sequence[AbsSelector]) -> lis
     must resolve (global_threshold: the threshold's rank when the first lo pass's
     bracket missed it); all empty when none is needed."""
     _global_phi(spec)
-    return [spec.phi(k).model_extra_ranks(s) for k, s in enumerate(selectors)]
+    return [spec.global_phi(k).model_extra_ranks(s) for k, s in enumerate(selectors)]
 
 
 def global_pass_extra(spec: MergeSpec, name: str, src: TensorSource, plan: TensorPlan,
@@ -390,4 +443,4 @@ def global_values(spec: MergeSpec, selectors: Sequence[AbsSelector]) -> list:
     """Per task: TADrop's model-wide drop rate d (scope model), the pair (d, threshold)
     (scope global_threshold), or TopK's model-wide threshold."""
     _global_phi(spec)
-    return [spec.phi(k).model_value(s) for k, s in enumerate(selectors)]
+    return [spec.global_phi(k).model_value(s) for k, s in enumerate(selectors)]

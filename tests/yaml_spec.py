@@ -56,6 +56,7 @@ def spec_from_yaml(data: dict) -> MergeSpec:
         weights=tuple(float(m.get("weight", 1.0)) for m in data["models"]),
         lam=float(lam) if lam is not None else DEFAULT_LAMBDA.get(method, 0.3),
         emr_rescaler=data.get("emr", {}).get("rescaler", "official"),
+        emr_tadrop=data.get("emr", {}).get("tadrop", "rescaled"),
         tall_lambdas=tuple(float(per_task.get(n, default_tall)) for n in names),
         tall_inner=tall.get("inner", "task_arithmetic"),
         consensus_k_min=int(cons.get("k_min", 2)),

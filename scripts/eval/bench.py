@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -27,14 +28,14 @@ import merges
 import results
 from evaluate import Scores, score_model
 from tasks import TASKS
+from tune_score import VAL_PER_CLASS, val_subset
 
 TADROP = {"kind": "tadrop", "a": 0.5, "b": 0.95, "rescale": "norm", "scope": "tensor"}
 NONE = {"kind": "none"}
 GRID_TA = [0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0]        # TA, TA+TADrop, DARE, consensus alpha
 GRID_TIES = [0.4, 0.7, 1.0, 1.3, 1.6, 2.0]       # TIES, TIES+TADrop
 GRID_DARE_P = [0.5, 0.9]
-GRID_TALL = [0.2, 0.3, 0.4, 0.5, 0.6]                 # TALL masks, per task
-VAL_PER_CLASS = 24     # selection scores a fixed val subset: enough to rank lambdas, 2x faster
+GRID_TALL = [0.2, 0.3, 0.4, 0.5, 0.6]                 # TALL masks, per task (`tadrop tune`)
 STEPS = ["data", "finetune", "individual", "select", "test", "write"]
 
 
@@ -50,13 +51,7 @@ class Bench:
     def load_tasks(self) -> None:
         self.tasks = {n: encoder.load_task(self.work, n) for n in self.names}
         for t in self.tasks.values():    # the selection subset, fixed and class-balanced
-            per: dict[int, int] = {}
-            sub = []
-            for text, y in t["splits"]["val"]:
-                if per.get(y, 0) < VAL_PER_CLASS:
-                    per[y] = per.get(y, 0) + 1
-                    sub.append([text, y])
-            t["splits"]["valsel"] = sub
+            t["splits"]["valsel"] = val_subset(t["splits"]["val"], VAL_PER_CLASS)
         self.base = encoder.base_path()
         self.models = {n: self.work / "models" / n for n in self.names}
 
@@ -127,21 +122,11 @@ class Bench:
         rows.append(("emr", "emr", {"method": "emr", "sparsify": NONE}))
         rows.append(("emr_tadrop", "emr_tadrop", {"method": "emr", "sparsify": TADROP}))
 
-        # TALL masks: lambda_k per task from GRID_TALL, each task on its own val.
-        per_task: dict[str, tuple[float, float]] = {}
-        for lam in GRID_TALL:
-            label = f"tall@{lam}"
-            spec = {"method": "tall_masks", "sparsify": NONE,
-                    "tall": {"default_lambda": lam, "inner": "task_arithmetic"}}
-            acc = self.evaluate(label, spec, "valsel")
-            for n, a in acc.items():
-                if n not in per_task or a > per_task[n][1] + 1e-12:
-                    per_task[n] = (lam, a)
-            print(f"  select {label:32s} val {json.dumps({n: round(a, 3) for n, a in acc.items()})}")
-            self.retire(label)
-        lambdas = {n: per_task[n][0] for n in self.names}
-        self.chosen["tall"] = {"lambdas": lambdas,
-                               "val_mean": sum(a for _, a in per_task.values()) / len(per_task)}
+        # TALL masks: lambda_k per task from GRID_TALL, each task on its own val, chosen by the
+        # product (`tadrop tune` with tune_score.val_accuracy); the tuned masks equal a fresh merge
+        # with those tall.lambdas, which is what the test rows below merge.
+        lambdas, best = self.tune_tall()
+        self.chosen["tall"] = {"lambdas": lambdas, "val_mean": sum(best.values()) / len(best)}
         tall = {"lambdas": lambdas, "default_lambda": 0.4, "inner": "task_arithmetic"}
         rows.append(("tall", "tall@selected", {"method": "tall_masks", "sparsify": NONE, "tall": tall}))
 
@@ -167,6 +152,27 @@ class Bench:
         rows.append(("emr_topk", f"emr_topk@{density}",
                      {"method": "emr", "sparsify": {"kind": "topk", "density": density, "scope": "tensor"}}))
         return rows
+
+    def tune_tall(self) -> tuple[dict[str, float], dict[str, float]]:
+        """`tadrop tune` on a TALL run: per task the chosen lambda and its validation accuracy."""
+        label = "tall@tune"
+        spec = {"method": "tall_masks", "sparsify": NONE,
+                "tall": {"default_lambda": 0.4, "inner": "task_arithmetic"}}
+        run = merges.merge(label, spec, self.base, self.models, self.work, self.workers)
+        os.environ["TADROP_EVAL_WORK"] = str(self.work)
+        here = str(Path(__file__).resolve().parent)
+        os.environ["PYTHONPATH"] = os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])
+        merges.tadrop("tune", run, "--grid", ",".join(map(str, GRID_TALL)),
+                      "--score", "tune_score:val_accuracy", "--model-class", "AutoModel", "--quiet",
+                      log=self.work / "logs" / f"{label}.log", timeout=7200)
+        rec = json.loads((run / "run.json").read_text())["tune"]
+        for n in self.names:
+            print(f"  tune  {n:12s} lambda {rec['lambdas'][n]}  val "
+                  + json.dumps({g: round(a, 3) for g, a in rec["scores"][n].items()}), flush=True)
+        lambdas = {n: float(rec["lambdas"][n]) for n in self.names}
+        best = {n: rec["scores"][n][str(lambdas[n])] for n in self.names}
+        self.retire(label)
+        return lambdas, best
 
     def matched_density(self) -> float:
         """Parameter-weighted fraction of task-vector entries EMR + TADrop keeps."""
