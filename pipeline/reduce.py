@@ -91,6 +91,8 @@ def reduce_run(out_dir: Path, state: Path, plan: Plan, cfg: MergeConfig, base: C
             merged=state / "merged.partial" if plan.merged_plan else None)
         atomic_write_json(marker, {"scalars": scalars, "warnings": warnings, "storage": storage})
     crash_point("reduce_prepared")
+    if plan.write_masks and (state / "masks.zarr.partial").exists():
+        MaskStore.sweep_temps(state / "masks.zarr.partial")   # left by workers killed mid-chunk
 
     for src_name, dst_name in PUBLISHED:
         src, dst = state / src_name, out_dir / dst_name

@@ -345,6 +345,9 @@ def _quiet_zarr():
         yield
 
 
+_ZARR_TEMP = re.compile(r".+\.[0-9a-f]{32}\.partial")   # zarr LocalStore's write-then-rename temp
+
+
 class MaskStoreError(ValueError, KeyError):
     """A mask array or chunk is missing or unreadable; names the store, tensor and chunk.
     A missing chunk is never read as the fill value: every chunk is written, even an all-False one."""
@@ -406,6 +409,17 @@ class MaskStore:
         except Exception as e:
             raise MaskStoreError(f"{path}/zarr.json: unreadable mask store metadata "
                                  f"({type(e).__name__}: {e})") from None
+
+    @staticmethod
+    def sweep_temps(path: str | os.PathLike) -> list[Path]:
+        """Delete zarr's own temporary files (`<chunk>.<uuid hex>.partial`): a worker killed while
+        writing a chunk leaves one, and the job is redone on resume, so it is never data."""
+        gone = []
+        for p in Path(path).rglob("*.partial"):
+            if _ZARR_TEMP.fullmatch(p.name) and p.is_file():
+                p.unlink()
+                gone.append(p)
+        return gone
 
     def __getstate__(self) -> dict:
         return {"path": str(self.path)}

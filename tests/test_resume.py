@@ -97,3 +97,22 @@ def test_changed_input_is_refused(tmp_path):
     os.utime(target, ns=(time.time_ns(), time.time_ns() + 10**9))  # the file looks rewritten
     proc = run_cli("merge", cfg)
     assert proc.returncode == 1 and "holds another run" in proc.stderr and "task1" in proc.stderr
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_chunk_leaves_no_temp_file(tmp_path, tmp_path_factory, fam):
+    """zarr writes a chunk to `<chunk>.<uuid>.partial` and renames it; a worker SIGKILLed between the two
+    leaves that file behind. The job is redone on resume and the temp file must not reach the output."""
+    want = _uninterrupted(tmp_path_factory, fam, EMR_TADROP)
+    cfg = write_config(tmp_path / "cfg.yaml", fam, tmp_path / "run", **EMR_TADROP)
+    crashed = run_cli("merge", cfg, "--quiet", env_extra={"TADROP_FAULT": "after_job:1"})
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    masks = tmp_path / "run" / ".tadrop" / "masks.zarr.partial"
+    chunk_dirs = [p.parent for p in masks.rglob("zarr.json") if p.parent != masks]
+    assert chunk_dirs, list(masks.iterdir())
+    stray = chunk_dirs[0] / "c" / f"0.{'ab' * 16}.partial"
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_bytes(b"")
+    run_cli("merge", cfg, "--quiet", check=True)
+    assert not list((tmp_path / "run").rglob("*.partial")), list((tmp_path / "run").rglob("*.partial"))
+    assert tree_digest(tmp_path / "run") == want
