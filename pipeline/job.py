@@ -21,6 +21,7 @@ from .faults import crash_point, job_fault, write_fault
 from .globalstats import (EXTRA_FILE, MAJORITY_FILE, SELECTED_FILE, VALUES_FILE, job_file, load_majority,
                           load_ranks, load_selectors, load_values, save_selectors)
 from .sources import RowSource as _Source
+from .storage import add_counts, mask_counts
 from .writers import MaskStore, ShardPlan, ShardWriter
 
 TORCH_DTYPES = {
@@ -114,6 +115,7 @@ class _Sink:
         self._r, self._name, self._rows = runner, name, rows
         self._pending: list[np.ndarray] = []
         self._pending_r0 = 0
+        self.counts: dict | None = None   # storage accounting, taken while the mask rows are in memory
 
     def _write(self, writer: ShardWriter, dtype: torch.dtype, r0: int, rows: torch.Tensor) -> None:
         write_fault()
@@ -132,6 +134,7 @@ class _Sink:
     def masks(self, r0: int, r1: int, masks: torch.Tensor) -> None:
         store = self._r.mask_store
         m = masks.to("cpu").numpy()
+        self.counts = add_counts(self.counts, mask_counts(m))
         if not m.ndim or m.ndim == 1:  # a 0-d tensor: one element per task
             store.write(self._name, 0, m)
             return
@@ -225,12 +228,16 @@ class JobRunner:
         global_values = self._global_values() if ctx.model_scope else None
         majority = (load_majority(ctx.global_dir / MAJORITY_FILE) if ctx.spec.official_ties else None)
         src = self._source(name)
+        sink = _Sink(self, name, src.rows)
         result = streamed.merge_tensor(
-            ctx.spec, name, src, _Sink(self, name, src.rows), ctx.tensor_plans[name],
+            ctx.spec, name, src, sink, ctx.tensor_plans[name],
             global_values=global_values, device=ctx.device, majority=majority,
         )
         self._sync()
-        return self._finish(name, result.to_dict())
+        out = result.to_dict()
+        if sink.counts is not None:
+            out["mask_counts"] = sink.counts
+        return self._finish(name, out)
 
     def _copy(self, name: str) -> dict:
         """Integer/bool/passthrough tensors: the base bytes, unchanged, into the merged shards."""

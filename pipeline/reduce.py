@@ -84,8 +84,10 @@ def reduce_run(out_dir: Path, state: Path, plan: Plan, cfg: MergeConfig, base: C
         if plan.unified_plan:
             write_index(plan.unified_plan, state / "unified.partial")
             fsync_dir(state / "unified.partial")
+        counts = {n: results[f"merge:{n}"].get("mask_counts") for n in sorted(plan.merge)}
         storage = storage_accounting(
             base, models, method=plan.spec.method,
+            counts=counts if plan.write_masks and all(c is not None for c in counts.values()) else None,
             unified=state / "unified.partial" if plan.unified_plan else None,
             masks=state / "masks.zarr.partial" if plan.write_masks else None,
             merged=state / "merged.partial" if plan.merged_plan else None)

@@ -67,3 +67,22 @@ def test_storage_of_single_model_method(tmp_path_factory, request):
     assert rec["compact"] == "merged" and rec["compact_bytes"] == dir_bytes(run / "merged")
     assert "keep_histogram" not in rec and rec["masks_bytes"] == 0
     assert "merged" in write_report(run)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(method="tall_masks", memory_budget="64KiB"),                       # row-chunked: partial chunks
+    dict(method="consensus", consensus={"k_min": 2}, memory_budget="64KiB"),
+    dict(method="emr", sparsify={"kind": "tadrop", "scope": "model"}),      # model scope: masks in the last pass
+], ids=["tall-chunked", "consensus-chunked", "emr-model-scope"])
+def test_counts_taken_in_the_jobs_equal_a_recount_of_the_store(tmp_path, family, kw):
+    """The reduce sums the counts each job took from its mask rows; reading the finished store back
+    (`run_storage`, the path of runs made before the jobs counted) must give the same record."""
+    from conftest import write_config
+    from pipeline.config import load_config
+    from pipeline.run import merge
+    merge(load_config(write_config(tmp_path / "cfg.yaml", family, tmp_path / "run", **kw)), quiet=True)
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    ledger = (tmp_path / "run" / ".tadrop" / "ledger.jsonl").read_text()
+    assert '"mask_counts"' in ledger            # the jobs did count (else the reduce read the store)
+    assert record["storage"]["masked_params"] > 0
+    assert run_storage(tmp_path / "run", record) == record["storage"]
