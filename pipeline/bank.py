@@ -51,6 +51,7 @@ class TaskBank:
         self._out: dict[str, torch.dtype] = {}        # export's dtype of each tensor
         self._shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=device)
         self._scratch = torch.empty(BLOCK, dtype=torch.uint8, device=device)
+        self._f32 = torch.empty((2, BLOCK), dtype=torch.float32, device=device)   # reused: no fresh pages
         self._targets: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._live: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -147,9 +148,7 @@ class TaskBank:
         recipe = self._recipes.get(task)
         with torch.no_grad():
             for name in self._unified:
-                dst = targets[name]
-                for e0, e1, vals in self._blocks(recipe, name):
-                    dst[e0:e1].copy_(vals)
+                self._fill(recipe, name, targets[name])
         self._live[model] = task
 
     def state_dict(self, task: str) -> dict[str, torch.Tensor]:
@@ -161,8 +160,7 @@ class TaskBank:
         recipe = self._recipes.get(task)
         for name in self._unified:
             t = torch.empty(self._base[name].numel(), dtype=self.dtype or self._out[name], device=self.device)
-            for e0, e1, vals in self._blocks(recipe, name):
-                t[e0:e1].copy_(vals)
+            self._fill(recipe, name, t)
             out[name] = t.reshape(self._shapes[name])
         return {n: out[n] for n in self._shapes}
 
@@ -201,6 +199,32 @@ class TaskBank:
             return self.dtype
         dtypes = [self._out[n] for n in self._shapes if self._out[n].is_floating_point]
         return max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
+
+    def _fill(self, recipe: TaskRecipe, name: str, dst: torch.Tensor) -> None:
+        """Write `task`'s values of tensor `name` into the flat `dst`, block by block.
+
+        Where `dst` has the dtype export writes (and it is not float16, whose overflow check needs
+        the generic path), the float32 maths runs in two reused scratch rows, in place: the same
+        operations in the same order as `export.task_rows` (base + tau * lambda, where(mask, ., base),
+        one cast), so the same bits, without allocating fresh temporaries per block."""
+        out_dtype = self._out[name]
+        if out_dtype == torch.float16 or dst.dtype != out_dtype or self.dtype not in (None, out_dtype):
+            for e0, e1, vals in self._blocks(recipe, name):
+                dst[e0:e1].copy_(vals)
+            return
+        base, vec, packed = self._base[name], self._unified[name], self._packed[name][recipe.index]
+        lam = recipe.lambda_for(name) if recipe.method == "emr" else None
+        for e0 in range(0, base.numel(), BLOCK):
+            e1 = min(base.numel(), e0 + BLOCK)
+            mask = self._unpack(packed, e0, e1)
+            theta0, theta = self._f32[0, : e1 - e0], self._f32[1, : e1 - e0]
+            theta0.copy_(base[e0:e1])
+            theta.copy_(vec[e0:e1])
+            if lam is not None:          # EMR: theta_0 + lambda_k M_k tau_uni; TALL: theta_0 + m_k tau_MTL
+                theta.mul_(lam)
+            theta.add_(theta0)
+            torch.where(mask, theta, theta0, out=theta)
+            dst[e0:e1].copy_(theta)
 
     def _blocks(self, recipe: TaskRecipe, name: str):
         """(e0, e1, values) over the flat tensor, BLOCK elements at a time, one task's bits each."""
