@@ -56,7 +56,11 @@ PAIRS = [("ta_tadrop", "ta", "TA + TADrop vs TA"),
          ("emr_mask_inverse_keep", "emr_mask_norm", "inverse_keep vs norm (mask)"),
          ("emr_scope_model", "emr_tadrop", "scope model vs tensor (EMR + TADrop)"),
          ("emr_scope_global_threshold", "emr_tadrop", "scope global_threshold vs tensor (EMR + TADrop)"),
-         ("emr_topk", "emr_tadrop", "fixed-rate top-k vs TADrop (EMR, same kept fraction)")]
+         ("emr_scope_global_threshold", "emr_scope_model", "scope global_threshold vs model (EMR + TADrop)"),
+         ("emr_topk", "emr_tadrop", "fixed-rate top-k vs TADrop (EMR, same kept fraction)"),
+         ("emr_scope_model", "emr", "EMR + TADrop (scope model) vs EMR"),
+         ("emr_scope_global_threshold", "emr", "EMR + TADrop (scope global_threshold) vs EMR"),
+         ("emr_topk", "emr", "EMR + top-k at TADrop's fraction vs EMR")]
 
 
 def _arrays(bench, label: str, domains: list[str]) -> list[np.ndarray]:
