@@ -183,7 +183,7 @@ def test_results_tables_from_synthetic_scores(tmp_path):
         not_run={"full/emr_mask_norm": "emr.tadrop: Extra inputs are not permitted"},
         recipes=bench_mod.RECIPES["toy"], size="toy", work=tmp_path, base=base_dir,
         manifest={"domains": {}, "sequences": {}, "packages": {}, "matches_manifest": True},
-        lora_as_adapters=lambda: False, grid_val={"0.5,0.95": 0.7})
+        grid_val={"0.5,0.95": 0.7})
     test = {st: {k: mean_share(s, f"{st}/{lab}", "base", f"{st}/individual", "test", doms)
                  for k, (lab, _) in rows[st].items()} for st in rows}
     results.write(tmp_path / "out", b, test, {"data": 1.0, "total": 1.0, "invocations": 1})
@@ -192,7 +192,7 @@ def test_results_tables_from_synthetic_scores(tmp_path):
     assert "| EMR + TADrop | **90.0** |" in md
     assert "EMR + TADrop vs EMR | +10.0 |" in md
     assert "| EMR + TADrop, mask, rescale norm |" in md and "not run" in md
-    assert "merged to full with peft merge_and_unload" in md
+    assert "PEFT adapter directories themselves" in md
     rec = json.loads((tmp_path / "out" / "eval_llm.json").read_text())
     assert rec["kept_share_test"]["full"]["ta"]["mean"] == pytest.approx(0.5)
     assert rec["paired_differences"]["full"]["EMR + TADrop vs EMR"]["lo"] > 0

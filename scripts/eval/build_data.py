@@ -11,15 +11,16 @@ instead of a silently different benchmark.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import random
-import subprocess
 import sys
 from pathlib import Path
 
 import sources
 from tasks import TASKS, Task
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+from eval_common import apt_versions, canonical, sha256  # noqa: E402  (shared with scripts/eval_llm)
 
 HERE = Path(__file__).resolve().parent
 MANIFEST = HERE / "manifest.json"
@@ -60,18 +61,9 @@ def split_task(task: Task, pools: dict[str, list[str]], seed: int = SEED) -> dic
             "splits": splits}
 
 
-def canonical(obj) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode()
-
-
 def versions() -> dict[str, str]:
     """Versions of the packages the data comes from, for the manifest's reader."""
-    out = {}
-    q = subprocess.run(["dpkg-query", "-W", "-f", "${Package} ${Version}\n", *APT_PACKAGES],
-                       capture_output=True, text=True).stdout
-    for line in q.splitlines():
-        name, _, ver = line.partition(" ")
-        out[f"apt:{name}"] = ver
+    out = apt_versions(APT_PACKAGES)
     from importlib.metadata import PackageNotFoundError, version
     for p in PIP_PACKAGES:
         try:
@@ -93,7 +85,7 @@ def build(out_dir: Path, update_manifest: bool = False, strict: bool = True) -> 
         blob = canonical(built)
         (data_dir / f"{task.name}.json").write_bytes(blob)
         sizes = {k: len(v) for k, v in built["splits"].items()}
-        entries[task.name] = {"sha256": hashlib.sha256(blob).hexdigest(), **sizes}
+        entries[task.name] = {"sha256": sha256(blob), **sizes}
         print(f"{task.name:10s} classes={len(task.labels)} {sizes}", flush=True)
     manifest = {"seed": SEED, "tasks": entries, "packages": versions()}
     if update_manifest or not MANIFEST.exists():

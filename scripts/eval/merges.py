@@ -19,6 +19,9 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.append(str(REPO / "scripts"))
+from eval_common import run_complete  # noqa: E402  (shared with scripts/eval_llm)
+
 # Frozen word embeddings (zero task vectors), the int position ids buffer and
 # the pooler (mean pooling never trains it) are copied from the base.
 PASSTHROUGH = ["embeddings.word_embeddings.weight", "embeddings.position_ids", "pooler.*"]
@@ -62,13 +65,13 @@ def merge(label: str, spec: dict, base: Path, models: dict[str, Path], work: Pat
     run = work / "runs" / label
     cfg = write_config(work / "configs" / f"{label}.yaml", base, models, spec, run, workers)
     stamp = run / "bench_config.yaml"
-    if stamp.exists() and stamp.read_text() == cfg.read_text() and _complete(run):
+    if stamp.exists() and stamp.read_text() == cfg.read_text() and run_complete(run):
         return run
     if run.exists():
         shutil.rmtree(run)
     t0 = time.time()
     tadrop("merge", cfg, "--quiet", log=work / "logs" / f"{label}.log")
-    if not _complete(run):
+    if not run_complete(run):
         raise CLIError(f"`tadrop merge {cfg}` exited 0 but {run}/run.json is not complete")
     for must in ["stats.parquet", "run.json"]:
         if not (run / must).exists():
@@ -76,13 +79,6 @@ def merge(label: str, spec: dict, base: Path, models: dict[str, Path], work: Pat
     shutil.copyfile(cfg, stamp)
     (run / "bench_timing.json").write_text(json.dumps({"merge_s": round(time.time() - t0, 2)}))
     return run
-
-
-def _complete(run: Path) -> bool:
-    try:
-        return bool(json.loads((run / "run.json").read_text()).get("complete"))
-    except (OSError, ValueError):
-        return False
 
 
 def export(run: Path, task: str, out: Path, log: Path) -> Path:

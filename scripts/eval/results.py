@@ -13,6 +13,9 @@ from pathlib import Path
 from tasks import TASKS
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.append(str(REPO / "scripts"))
+import eval_common  # noqa: E402  (shared with scripts/eval_llm)
+from eval_common import merge_seconds  # noqa: E402
 
 TABLE1 = [("zeroshot", "Zero-shot (base)"), ("individual", "Individual fine-tuned"),
           ("ta", "Task arithmetic"), ("ta_tadrop", "TA + TADrop"),
@@ -127,7 +130,7 @@ def write(out_dir: Path, bench, rows, acc: dict, manifest: dict, timings: dict,
         "paired_differences": comparisons,
         "tadrop_drop_rates_emr_run": drop,
         "timings_s": timings,
-        "merge_s": {k: _merge_seconds(bench.work / "runs" / labels[k]) for k in labels},
+        "merge_s": {k: merge_seconds(bench.work / "runs" / labels[k]) for k in labels},
     }
     (out_dir / "eval.json").write_text(json.dumps(record, indent=1) + "\n")
     md = ["# Merging benchmark: 8 text tasks on all-MiniLM-L6-v2",
@@ -166,22 +169,8 @@ START, END = "<!-- eval-tables:start -->", "<!-- eval-tables:end -->"
 
 def update_doc(doc: Path, lines: list[str]) -> None:
     """Replace the generated block of docs/EVAL.md, so the prose around it stays hand-written."""
-    if not doc.exists():
-        return
-    text = doc.read_text()
-    if START not in text or END not in text:
-        return
-    head, _, rest = text.partition(START)
-    _, _, tail = rest.partition(END)
-    block = "\n".join(ln.replace("## ", "### ", 1) if ln.startswith("## ") else ln for ln in lines)
-    doc.write_text(f"{head}{START}\n{block}\n{END}{tail}")
-
-
-def _merge_seconds(run: Path) -> float | None:
-    try:
-        return json.loads((run / "bench_timing.json").read_text())["merge_s"]
-    except (OSError, ValueError, KeyError):
-        return None
+    eval_common.update_doc(doc, lines, START, END,
+                           lambda ln: ln.replace("## ", "### ", 1) if ln.startswith("## ") else ln)
 
 
 def drop_summary(run: Path) -> dict | None:

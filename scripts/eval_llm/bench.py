@@ -14,7 +14,10 @@ interrupted benchmark resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,7 +36,7 @@ GRID_TA = [0.1, 0.2, 0.5, 1.0]     # TA, TA + TADrop (DARE keeps TA's lambda)
 GRID_TIES = [0.5, 1.0]
 GRID_DARE_P = [0.5, 0.9]
 GRID_ALPHA = [0.2, 0.5]            # consensus
-GRID_TALL = [0.2, 0.5]             # per domain
+GRID_TALL = [0.2, 0.3, 0.4, 0.5, 0.6]   # per domain, by `tadrop tune` (the TALL paper's grid)
 GRID_A = [0.3, 0.5, 0.7]           # quantile sensitivity (EMR + TADrop): a cross through
 GRID_B = [0.9, 0.95, 0.99]         # the default (0.5, 0.95), not the full 3 x 3
 TEST_SCORED = 24       # of the 40 test sequences built per domain: the cost of ~45 scored rows on 2 cores
@@ -100,18 +103,11 @@ class Bench:
                     info = lm.finetune_full(self.base, data, r, out, f"{s}:{d}")
                 print(json.dumps(info), flush=True)
 
-    def lora_as_adapters(self) -> bool:
-        """Whether LoRA fine-tunes enter the merge as adapters (the product reads them) or
-        merged to full checkpoints; decided once per WORK, so that cached scores never
-        mix the two."""
-        f = self.work / "lora_input.json"
-        if not f.exists():
-            f.write_text(json.dumps({"adapters": merges.adapters_supported()}))
-        return json.loads(f.read_text())["adapters"]
-
     def inputs(self, setting: str) -> list[dict]:
-        """The merge config's `models:`: adapters go in as adapters where the product reads them."""
-        if setting == "lora" and self.lora_as_adapters():
+        """The merge config's `models:`. LoRA fine-tunes enter as what a user merges, the PEFT
+        adapter directories (`models: - {name, adapter: DIR}`, read by the product); their
+        merge_and_unload checkpoints only score the individual fine-tunes."""
+        if setting == "lora":
             return [{"name": d, "adapter": str(self.adapter_dir(d))} for d in self.domains]
         return [{"name": d, "path": str(self.model_dir(setting, d))} for d in self.domains]
 
@@ -212,8 +208,9 @@ class Bench:
             tall = self.tall_lambdas(setting, key, sp)
             if tall is None:
                 continue
+            tag = hashlib.sha256(json.dumps(tall, sort_keys=True).encode()).hexdigest()[:8]
             self.fixed(setting, key, {"method": "tall_masks", "sparsify": sp, "tall": tall},
-                       f"{key}@selected")
+                       f"{key}@tuned-{tag}")
             ckey = key.replace("tall", "consensus")
             self.pick(setting, ckey, [
                 (f"{ckey}@{a}", {"method": "consensus", "sparsify": sp, "tall": tall,
@@ -226,22 +223,29 @@ class Bench:
                                                           "sparsify": {"kind": "dare", "p": p}})
                                     for p in GRID_DARE_P])
 
-    def tall_lambdas(self, setting: str, key: str, sparsify: dict) -> dict:
-        """TALL's lambda_k per domain, each on its own domain's validation loss."""
-        best: dict[str, tuple[float, float]] = {}
+    def tall_lambdas(self, setting: str, key: str, sparsify: dict) -> dict | None:
+        """TALL's lambda_k per domain, chosen by the product: `tadrop tune` (pipeline.tune.tune,
+        the CLI's code) on a TALL run, each domain scored by its own validation loss
+        (tune_score.val_neg_loss). The tuned masks equal a fresh merge with those `tall.lambdas`,
+        which is the row the test split scores."""
         if self.out_of_time(setting, key):
             return None
-        for lam in GRID_TALL:
-            label = f"{key}@{lam}"
-            self.evaluate(setting, label, {"method": "tall_masks", "sparsify": sparsify,
-                                           "tall": {"default_lambda": lam, "inner": "task_arithmetic"}}, "val")
-            for d in self.domains:
-                loss = self.scores.mean_loss(f"{setting}/{label}", "val", d)
-                if d not in best or loss < best[d][1] - 1e-12:
-                    best[d] = (lam, loss)
-        lambdas = {d: best[d][0] for d in self.domains}
-        self.chosen[f"{setting}/{key}"] = {"lambdas": lambdas}
-        print(f"  [{setting}] {key} lambda_k {lambdas}", flush=True)
+        from pipeline.tune import tune
+
+        import tune_score
+        run = merges.merge(f"{setting}__{key}@tune", {
+            "method": "tall_masks", "sparsify": sparsify,
+            "tall": {"default_lambda": 0.4, "inner": "task_arithmetic"}}, self.base, self.inputs(setting),
+            self.work)
+        os.environ["TADROP_EVAL_LLM_WORK"] = str(self.work)
+        t0 = time.time()
+        rec = tune(run, GRID_TALL, "tune_score:val_neg_loss", model_class="LlamaForCausalLM",
+                   score_fn=tune_score.val_neg_loss, quiet=True, out=io.StringIO())
+        lambdas = {d: float(rec["lambdas"][d]) for d in self.domains}
+        self.chosen[f"{setting}/{key}"] = {
+            "lambdas": lambdas, "by": "tadrop tune (pipeline.tune), score tune_score:val_neg_loss",
+            "grid": GRID_TALL, "val_loss": {d: {g: -v for g, v in rec["scores"][d].items()} for d in self.domains}}
+        print(f"  [{setting}] {key} lambda_k {lambdas} (tadrop tune, {time.time() - t0:.0f}s)", flush=True)
         return {"lambdas": lambdas, "default_lambda": 0.4, "inner": "task_arithmetic"}
 
     def table4(self, setting: str) -> None:
@@ -249,11 +253,12 @@ class Bench:
         for integ in ("rescaled", "mask"):
             for resc in ("norm", "none", "inverse_keep"):
                 key = f"emr_{integ}_{resc}"
+                if key == "emr_rescaled_norm":
+                    continue           # the default: Table 1's EMR + TADrop row, already there
                 spec = {"method": "emr", "sparsify": {**TADROP, "rescale": resc}}
                 if integ == "mask":
                     spec["emr"] = {"tadrop": "mask"}
-                # rescaled + norm is Table 1's EMR + TADrop: the same run.
-                self.fixed(setting, key, spec, "emr_tadrop" if key == "emr_rescaled_norm" else None)
+                self.fixed(setting, key, spec)
         for scope in ("model", "global_threshold"):
             self.fixed(setting, f"emr_scope_{scope}", {"method": "emr", "sparsify": {**TADROP, "scope": scope}})
         self.matched_topk(setting)
@@ -366,9 +371,8 @@ def main(argv=None) -> None:
     if a.until == "individual":
         return
     # Each section is selected and then tested at once, most important first, so
-    # that a run cut by --deadline leaves whole sections. Table 4 comes after the
-    # long setting: it needs the newest EMR options (emr.tadrop, scope
-    # global_threshold); a row the product does not offer yet is listed as not run.
+    # that a run cut by --deadline leaves whole sections. A row whose config the
+    # product refuses (merges.supports) is listed as not run, with the reason.
     if a.deadline:
         hh, mm = map(int, a.deadline.split(":"))
         now = time.gmtime()

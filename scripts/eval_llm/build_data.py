@@ -16,16 +16,17 @@ files neither the base nor any fine-tune has seen.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import random
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 import corpora
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+from eval_common import apt_versions, canonical, sha256  # noqa: E402  (shared with scripts/eval)
 
 HERE = Path(__file__).resolve().parent
 MANIFEST = HERE / "manifest.json"
@@ -59,14 +60,6 @@ def split_docs(docs: list[str], name: str, seed: int = SEED) -> dict[str, list[s
     return out
 
 
-def canonical(obj) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode()
-
-
-def sha256(b: bytes) -> str:
-    return hashlib.sha256(b).hexdigest()
-
-
 def train_tokenizer(texts: list[str], out: Path) -> Path:
     """Byte-level BPE (GPT-2 style) on the pretraining text only; saved as a
     transformers fast tokenizer so every checkpoint carries it."""
@@ -95,12 +88,7 @@ def pack(texts: list[str], tok, n_max: int | None = None) -> torch.Tensor:
 
 
 def versions() -> dict[str, str]:
-    out = {}
-    q = subprocess.run(["dpkg-query", "-W", "-f", "${Package} ${Version}\n", *APT_PACKAGES],
-                       capture_output=True, text=True).stdout
-    for line in q.splitlines():
-        name, _, ver = line.partition(" ")
-        out[f"apt:{name}"] = ver
+    out = apt_versions(APT_PACKAGES)
     import tokenizers
     out["pypi:tokenizers"] = tokenizers.__version__
     return out

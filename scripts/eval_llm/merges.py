@@ -22,14 +22,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.append(str(REPO / "scripts"))
+from eval_common import merge_seconds, run_complete as complete  # noqa: E402,F401  (shared with scripts/eval)
 
 PER_TASK_METHODS = ("emr", "tall_masks")
-
-
-def adapters_supported() -> bool:
-    """Whether this product reads LoRA adapters as merge inputs (`models: - {name, adapter}`)."""
-    from pipeline.config import ModelEntry
-    return "adapter" in ModelEntry.model_fields
 
 
 def supports(spec: dict, tasks: list[str]) -> str | None:
@@ -106,13 +102,6 @@ def merge(label: str, spec: dict, base: Path, models: list[dict], work: Path) ->
     return run
 
 
-def complete(run: Path) -> bool:
-    try:
-        return bool(json.loads((run / "run.json").read_text()).get("complete"))
-    except (OSError, ValueError):
-        return False
-
-
 def export(run: Path, task: str) -> Path:
     """The task's model from a per-task run (cached under RUN/bench_export/TASK)."""
     from pipeline.export import export_task
@@ -122,10 +111,3 @@ def export(run: Path, task: str) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         export_task(run, task, out)
     return out
-
-
-def merge_seconds(run: Path) -> float | None:
-    try:
-        return json.loads((run / "bench_timing.json").read_text())["merge_s"]
-    except (OSError, ValueError, KeyError):
-        return None

@@ -17,9 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from merges import REPO, merge_seconds
+from merges import REPO, merge_seconds  # noqa: I001  (merges puts scripts/ on sys.path)
+import eval_common  # noqa: E402
 from scores import paired_bootstrap
 
+LORA_INPUT = ("the PEFT adapter directories themselves (`models: - {name, adapter: DIR}`; the product "
+              "reads each adapter as its task vector), not merged to full first")
 SETTING_TITLE = {"full": "full fine-tunes", "lora": "LoRA adapters", "long": "long full fine-tunes"}
 TABLE1 = [("ta", "Task arithmetic"), ("ta_tadrop", "TA + TADrop"),
           ("ties", "TIES"), ("ties_tadrop", "TIES + TADrop"),
@@ -53,7 +56,11 @@ PAIRS = [("ta_tadrop", "ta", "TA + TADrop vs TA"),
          ("emr_mask_inverse_keep", "emr_mask_norm", "inverse_keep vs norm (mask)"),
          ("emr_scope_model", "emr_tadrop", "scope model vs tensor (EMR + TADrop)"),
          ("emr_scope_global_threshold", "emr_tadrop", "scope global_threshold vs tensor (EMR + TADrop)"),
-         ("emr_topk", "emr_tadrop", "fixed-rate top-k vs TADrop (EMR, same kept fraction)")]
+         ("emr_scope_global_threshold", "emr_scope_model", "scope global_threshold vs model (EMR + TADrop)"),
+         ("emr_topk", "emr_tadrop", "fixed-rate top-k vs TADrop (EMR, same kept fraction)"),
+         ("emr_scope_model", "emr", "EMR + TADrop (scope model) vs EMR"),
+         ("emr_scope_global_threshold", "emr", "EMR + TADrop (scope global_threshold) vs EMR"),
+         ("emr_topk", "emr", "EMR + top-k at TADrop's fraction vs EMR")]
 
 
 def _arrays(bench, label: str, domains: list[str]) -> list[np.ndarray]:
@@ -176,8 +183,7 @@ def write(out_dir: Path, bench, test: dict[str, dict], timings: dict) -> None:
         "size": bench.size, "parameters": info.get("parameters"),
         "recipes": {k: vars(v) if not hasattr(v, "__dataclass_fields__") else
                     {f: getattr(v, f) for f in v.__dataclass_fields__} for k, v in bench.recipes.items()},
-        "lora_input": "adapter (product reads adapters)" if _adapters(bench) else
-                      "merged to full with peft merge_and_unload (product did not read adapters)",
+        "lora_input": LORA_INPUT,
         "data": {"matches_manifest": bench.manifest.get("matches_manifest", True),
                  "domains": bench.manifest["domains"], "sequences": bench.manifest["sequences"],
                  "packages": bench.manifest["packages"]},
@@ -197,10 +203,6 @@ def write(out_dir: Path, bench, test: dict[str, dict], timings: dict) -> None:
     print("\n".join(md))
     if out_dir.resolve() == (REPO / "bench").resolve():     # a trial run elsewhere leaves the docs alone
         update_doc(REPO / "docs" / "EVAL_LLM.md", md[4:])
-
-
-def _adapters(bench) -> bool:
-    return bench.lora_as_adapters()
 
 
 def markdown(bench, record, test, cis, comps, sp, timings, png) -> list[str]:
@@ -285,12 +287,4 @@ START, END = "<!-- eval-llm-tables:start -->", "<!-- eval-llm-tables:end -->"
 
 def update_doc(doc: Path, lines: list[str]) -> None:
     """Replace the generated block of docs/EVAL_LLM.md; the prose around it stays hand-written."""
-    if not doc.exists():
-        return
-    text = doc.read_text()
-    if START not in text or END not in text:
-        return
-    head, _, rest = text.partition(START)
-    _, _, tail = rest.partition(END)
-    block = "\n".join(("#" + ln) if ln.startswith("#") else ln for ln in lines)
-    doc.write_text(f"{head}{START}\n{block}\n{END}{tail}")
+    eval_common.update_doc(doc, lines, START, END, lambda ln: ("#" + ln) if ln.startswith("#") else ln)
