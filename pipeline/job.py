@@ -107,6 +107,9 @@ class RunContext:
         return self.state_dir / "global"
 
 
+PREFETCH_BYTES = 1 << 30   # read-ahead of one job's inputs, summed over the K+1 files
+
+
 class _Sink:
     """Casts float32 rows once to the output dtype and writes them in place into the shard files;
     gathers mask rows into whole Zarr chunks (their size is fixed by the shape, not the budget)."""
@@ -185,6 +188,15 @@ class JobRunner:
             self._values = load_values(self.ctx.global_dir / VALUES_FILE)
         return self._values
 
+    def _prefetch(self, name: str) -> None:
+        """Start the reads of this tensor in every input file at once (bounded: PREFETCH_BYTES over
+        all inputs, so a huge tensor of many tasks does not flood the page cache)."""
+        ckpts = [c for c in (self.ctx.base, *self.ctx.models) if isinstance(c, Checkpoint)]
+        each = PREFETCH_BYTES // max(1, len(ckpts))
+        for ckpt in ckpts:
+            if name in ckpt.tensors:
+                ckpt.prefetch(name, each)
+
     def _release(self, name: str) -> None:
         """Drop the tensor's pages from this process's mappings so RSS stays bounded (page cache keeps them)."""
         for ckpt in (self.ctx.base, *self.ctx.models):
@@ -196,6 +208,8 @@ class JobRunner:
         if self.mask_store is not None:
             self.mask_store.take_checksums(job.tensor)
         job_fault()
+        if job.kind in ("merge", "copy", "global_hi", "global_lo", "global_thr", "global_sign"):
+            self._prefetch(job.tensor)
         try:
             if job.kind == "merge":
                 return self._merge(job.tensor)
