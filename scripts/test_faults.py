@@ -161,7 +161,7 @@ def main():
         failed = re.findall(r"^FAILED (\S+)", proc.stdout, re.M)
         summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-300:]
         rec = {"fault": fid, "what": what, "file": path, "diff": diff, "tests": tests, "failed": failed,
-               "summary": summary, "seconds": round(time.time() - t0)}
+               "summary": summary, "seconds": round(time.time() - t0), "tail": proc.stdout[-4000:]}
         print(json.dumps({k: rec[k] for k in ("fault", "failed", "summary", "seconds")}), flush=True)
         with OUT.open("a") as fo:
             fo.write(json.dumps(rec) + "\n")
