@@ -209,7 +209,7 @@ def death_cause(exitcode: int | None, oom_before: dict, oom_after: dict) -> str:
     grew = [k for k in oom_after if oom_after[k] > oom_before.get(k, oom_after[k])]
     if grew:
         return (f"{what} by the kernel's out-of-memory killer: lower memory_budget or workers "
-                "(workers x memory_budget + ~0.5 GiB must fit in RAM)")
+                "(workers x (memory_budget + 0.25 GiB) and the driver must fit in RAM)")
     if oom_after:
         return f"{what}, not by the out-of-memory killer (the kernel counted no OOM kill meanwhile)"
     return f"{what} (this system does not say whether it was the out-of-memory killer: see `dmesg`)"

@@ -12,6 +12,9 @@ Anything whose result would differ from mergekit's (other methods, slices, gradi
 parameters, ties without normalize or with unequal weights...) is named and refused, not guessed.
 DARE's random stream is ours (seeded per tensor and task), so a dare_* merge matches mergekit in
 distribution, not bit for bit.
+`tokenizer_source` (or a `tokenizer:` block's `source`): base, union or a merged model's path become
+tadrop's tokenizer_source base, union or that model's name (the same rows: mergekit's
+tokenizer/embed.py); per-token sources, padding and a tokenizer of a model outside the merge are refused.
 """
 from __future__ import annotations
 
@@ -87,8 +90,7 @@ def translate(data: dict, source: str = "mergekit config") -> Translation:
         bad.append("slices: layer slicing (tadrop merges whole models: use `models:`)")
     if data.get("modules") is not None:
         bad.append("modules: per-module configs")
-    if data.get("tokenizer") is not None or data.get("tokenizer_source") not in (None, "base"):
-        bad.append("tokenizer / tokenizer_source: a merged vocabulary (tadrop copies the base's tokenizer)")
+    tokenizer = _tokenizer_source(data, bad)
     if data.get("chat_template") is not None:
         bad.append("chat_template (tadrop copies the base's files unchanged)")
     for k in _HARMLESS_TOP:
@@ -132,6 +134,11 @@ def translate(data: dict, source: str = "mergekit config") -> Translation:
                      "its task vector is zero)")
     if not entries:
         bad.append("models: nothing to merge besides the base model")
+    tok_choice = _tokenizer_choice(tokenizer, base, [ref for ref, _, _ in entries], bad)
+    if tok_choice == "union":
+        notes.append("tokenizer_source: union: a token the base lacks gets mergekit's row (the mean of the "
+                     "models that have it; a model without it has tau = 0); tadrop keeps the models' token "
+                     "ids, which must agree (else an error names the first that differs)")
     if bad:
         raise ConfigError(f"{source}: cannot translate this mergekit config to tadrop:\n  " + "\n  ".join(bad))
 
@@ -188,11 +195,55 @@ def translate(data: dict, source: str = "mergekit config") -> Translation:
         if pm:
             entry["sparsify"] = pm
         cfg["models"].append(entry)
+    if tok_choice is not None and tok_choice != "base":
+        cfg["tokenizer_source"] = tok_choice if tok_choice == "union" else cfg["models"][tok_choice]["name"]
     if data.get("out_dtype") is not None:
         cfg["output_dtype"] = str(data["out_dtype"])
     elif data.get("dtype") is not None:
         cfg["output_dtype"] = str(data["dtype"])        # mergekit writes its computation dtype
     return Translation(cfg, notes)
+
+
+def _tokenizer_source(data: dict, bad: list[str]) -> Any:
+    """mergekit's output vocabulary: `tokenizer_source`, or the `source` of a `tokenizer:` block (whose
+    default is union); None when neither is given."""
+    source, block = data.get("tokenizer_source"), data.get("tokenizer")
+    if block is None:
+        return source
+    if source is not None:
+        bad.append("tokenizer, tokenizer_source: both given (mergekit takes one or the other)")
+        return None
+    if not isinstance(block, dict):
+        bad.append(f"tokenizer: expected a mapping with `source`, got {block!r}")
+        return None
+    for k in sorted(set(block) - {"source"}):
+        if block[k] in (None, {}, []):
+            continue
+        bad.append(f"tokenizer.{k}: " + {
+            "tokens": "per-token embedding sources (tadrop gives a token the base lacks the mean of the "
+                      "rows of the models that have it)",
+            "pad_to_multiple_of": "vocabulary padding (tadrop's output has exactly the chosen vocabulary's rows)",
+        }.get(k, "unknown key of mergekit's tokenizer block"))
+    return block.get("source", "union")
+
+
+def _tokenizer_choice(source: Any, base: str | None, refs: list, bad: list[str]) -> Any:
+    """mergekit's tokenizer source as tadrop's: None or "base" (the default), "union", or the index of
+    the merged model whose vocabulary it is. The meaning is the same: the output has that vocabulary;
+    a token the base lacks is the one model's row that has it or the mean of the rows of those that
+    have it, a model without it contributes nothing (mergekit's tokenizer/embed.py, PermutedEmbeddings)."""
+    if source is None or source == "base" or source == "union":
+        return source
+    ref = _ref(source, "tokenizer_source", bad)
+    if ref is None:
+        return None
+    if ref == base:
+        return "base"
+    if ref in refs:
+        return refs.index(ref)
+    bad.append(f"tokenizer_source: {ref!r} is not one of the merged models (tadrop's tokenizer_source is "
+               "base, union or the name of a merged model)")
+    return None
 
 
 def _task_name(ref: str, i: int, used: set) -> str:

@@ -103,7 +103,10 @@ class Sum64:
         self.device, self.op = torch.device(device), op
         self._tail = torch.zeros(SUM_BLOCK, dtype=torch.float64, device=self.device)
         self._fill = 0
-        self._parts: list[torch.Tensor] = []
+        # block sums: Python floats on the CPU (many small tensors kept across a tensor's chunks would
+        # pin the C heap between the chunks' large temporaries, which then stays resident: EMR's
+        # workers grew with the tensor size), device tensors elsewhere (no sync per batch)
+        self._parts: list = []
 
     def _prep(self, dst: torch.Tensor, src: torch.Tensor, w) -> None:
         dst.copy_(src)
@@ -127,7 +130,7 @@ class Sum64:
             self._fill += take
             i = take
             if self._fill == B:
-                self._parts.append(_block_sums(self._tail.view(1, B)).clone())
+                self._keep(_block_sums(self._tail.view(1, B)).clone())
                 self._tail.zero_()
                 self._fill = 0
         nfull = (n - i) // B
@@ -139,11 +142,17 @@ class Sum64:
                 a, b = i + j * B, i + (j + nb) * B
                 blk = buf[: nb * B].view(nb, B)
                 self._prep(blk, x[a:b].view(nb, B), None if w is None else w[a:b].view(nb, B))
-                self._parts.append(_block_sums(blk))
+                self._keep(_block_sums(blk))
             i += nfull * B
         if i < n:
             self._prep(self._tail[: n - i], x[i:], ws(i, n))
             self._fill = n - i
+
+    def _keep(self, sums: torch.Tensor) -> None:
+        if sums.device.type == "cpu":
+            self._parts.extend(sums.tolist())
+        else:
+            self._parts.append(sums)
 
     def value(self) -> float:
         parts = list(self._parts)
@@ -153,7 +162,13 @@ class Sum64:
             parts.append(_block_sums(t.view(1, -1)))
         if not parts:
             return 0.0
-        return math.fsum(torch.cat(parts).tolist())
+        flat: list[float] = []
+        for p in parts:                      # in flat order, as math.fsum sees them
+            if isinstance(p, torch.Tensor):
+                flat.extend(p.tolist())
+            else:
+                flat.append(p)
+        return math.fsum(flat)
 
 
 def sumsq64(x: torch.Tensor) -> float:

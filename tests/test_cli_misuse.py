@@ -41,10 +41,13 @@ def test_ctrl_c_exits_130_and_the_same_command_resumes(tmp_path):
     pause.touch()
     env = {**os.environ, "PYTHONPATH": str(REPO), "TADROP_PAUSE": "after_job:2",
            "TADROP_PAUSE_FILE": str(pause)}
-    # its own process group, like a shell job: Ctrl-C sends SIGINT to the driver and its workers together
+    # its own process group, like a shell job: Ctrl-C sends SIGINT to the driver and its workers together.
+    # SIGINT back to its default first: a suite started in the background (`cmd &`, nohup, some CI
+    # runners) inherits SIGINT ignored, and an ignored signal stays ignored across exec, so the merge
+    # would never see the Ctrl-C
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "merge", str(cfg), "--quiet"], cwd=REPO,
                             env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     reached = Path(str(pause) + ".reached")
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None and not reached.exists():

@@ -115,10 +115,38 @@ def test_dare_translates_density_to_p_per_model(family):
     assert dt["method"] == "ties" and dt["sparsify"]["kind"] == "dare"
 
 
+@pytest.mark.parametrize("mk,ours", [
+    ({}, None),                                            # mergekit's default: no vocabulary merge
+    ({"tokenizer_source": "base"}, None),                  # ours' default: not written out
+    ({"tokenizer_source": "x/b"}, None),                   # the base model's path is `base`
+    ({"tokenizer_source": "union"}, "union"),
+    ({"tokenizer_source": "y/m2"}, "m2"),                  # a merged model's path: its task name
+    ({"tokenizer_source": {"model": "x/m1"}}, "m1"),
+    ({"tokenizer": {"source": "y/m2"}}, "m2"),
+    ({"tokenizer": {}}, "union"),                          # the block's default source is union
+    ({"tokenizer": {"source": "base", "tokens": {}}}, None),
+])
+def test_tokenizer_source_translates(mk, ours):
+    d = {"merge_method": "task_arithmetic", "base_model": "x/b", **mk,
+         "models": [{"model": "x/m1"}, {"model": "y/m2"}]}
+    t = translate(d)
+    assert t.config.get("tokenizer_source") == ours
+    assert ("tokenizer_source" in t.config) == (ours is not None)
+    if ours == "union":
+        assert any("union" in n for n in t.notes)
+    lin = translate({"merge_method": "linear", "tokenizer_source": "x/m1",      # linear: the first model is
+                     "models": [{"model": "x/m1"}, {"model": "y/m2"}]}).config  # the base
+    assert lin["base"] == "x/m1" and "tokenizer_source" not in lin
+
+
 @pytest.mark.parametrize("change,named", [
     ({"merge_method": "slerp"}, "merge_method: 'slerp' has no tadrop counterpart"),
     ({"slices": [{"sources": []}]}, "slices: layer slicing"),
-    ({"tokenizer_source": "union"}, "tokenizer_source"),
+    ({"tokenizer": {"source": "union", "tokens": {"<x>": {"source": "a"}}}}, "tokenizer.tokens: per-token"),
+    ({"tokenizer": {"source": "base", "pad_to_multiple_of": 64}}, "tokenizer.pad_to_multiple_of"),
+    ({"tokenizer_source": "elsewhere/m"}, "tokenizer_source: 'elsewhere/m' is not one of the merged models"),
+    ({"tokenizer_source": "a+lora/x"}, "applies a LoRA"),
+    ({"tokenizer_source": "base", "tokenizer": {"source": "union"}}, "tokenizer, tokenizer_source: both given"),
     ({"parameters": {"density": [0.2, 0.8]}}, "parameters.density: [0.2, 0.8] is a gradient"),
     ({"parameters": {"normalize": False}}, "normalize: false"),
     ({"models": [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "c", "parameters": {"weight": 0.3}}]},

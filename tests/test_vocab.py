@@ -152,3 +152,47 @@ def test_differing_tokenizer_names_the_first_differing_id(tmp_path, vocab_family
 def test_tokenizer_source_must_name_a_model(tmp_path, vocab_family):
     proc = run_cli("merge", cfg(tmp_path, vocab_family, "bad", tokenizer_source="zzz"))
     assert proc.returncode == 1 and "tokenizer_source" in proc.stderr and "'zzz'" in proc.stderr
+
+
+def _mergekit_rows(models: dict, vocab: int, name: str) -> dict:
+    """Each model's embedding rows in an output vocabulary of `vocab` tokens by mergekit's rules
+    (mergekit/tokenizer/embed.py, PermutedEmbeddings; the ids agree here, so a token is its id): a model
+    that has the token keeps its row; for one that lacks it, the row of the only model that has it, else
+    the base's (never here: every model has the base's rows), else the mean of those that have it."""
+    out = {}
+    for m, w in models.items():
+        rows = torch.empty(vocab, w[name].shape[1], dtype=torch.float64)
+        for i in range(vocab):
+            if i < w[name].shape[0]:
+                rows[i] = w[name][i].double()
+                continue
+            have = [v[name][i].double() for v in models.values() if i < v[name].shape[0]]
+            rows[i] = have[0] if len(have) == 1 else torch.stack(have).mean(0)
+        out[m] = rows
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source,ours,rows", [("union", "union", 67), ("a", "a", 66)])
+def test_mergekit_tokenizer_source_through_the_cli(tmp_path, vocab_family, source, ours, rows):
+    """A mergekit config's tokenizer_source (union, or a merged model's path) runs as tadrop's and gives
+    mergekit's rows: task_arithmetic (mergekit's defaults: lambda 1, no normalize) on the embeddings each
+    model has in the output vocabulary."""
+    fam = vocab_family
+    mk = {"merge_method": "task_arithmetic", "base_model": str(fam["base"]),
+          "tokenizer_source": source if source == "union" else str(fam[source]),
+          "models": [{"model": str(fam[n]), "parameters": {"weight": 1.0}} for n in "abc"]}
+    (tmp_path / "mk.yml").write_text(yaml.safe_dump(mk))
+    proc = run_cli("merge", tmp_path / "mk.yml", tmp_path / "run", "--quiet", check=True)
+    printed = yaml.safe_load(proc.stdout)
+    assert printed["tokenizer_source"] == ours and [m["name"] for m in printed["models"]] == list("abc")
+    out = sd(tmp_path / "run" / "merged")
+    w = {n: sd(fam[n]) for n in ("base", "a", "b", "c")}
+    for name, t in out.items():
+        if name in (EMB, HEAD):
+            p = _mergekit_rows(w, rows, name)
+            want = p["base"] + sum(p[n] - p["base"] for n in "abc")
+        else:
+            want = w["base"][name].double() + sum(w[n][name].double() - w["base"][name].double() for n in "abc")
+        assert t.shape == want.shape and torch.allclose(t.double(), want, atol=1e-6), name
+    assert json.loads((tmp_path / "run" / "merged" / "config.json").read_text())["vocab_size"] == rows
