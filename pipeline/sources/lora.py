@@ -208,28 +208,45 @@ class LoraAdapter:
         return sum((t[p.a].nbytes if p.a else 0) + (t[p.b].nbytes if p.b else 0)
                    for p in self.pieces.get(name, ()))
 
-    def delta(self, name: str, shape: tuple, r0: int, r1: int, base: Checkpoint) -> torch.Tensor:
-        """float32 rows [r0, r1) of tau for base tensor `name` (zeros where the adapter has none)."""
+    def delta(self, name: str, shape: tuple, r0: int, r1: int, base: Checkpoint,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 rows [r0, r1) of tau for base tensor `name` (zeros where the adapter has none).
+
+        `out`: a flat float32 CPU buffer of the rows' numel; the first piece is computed straight
+        into it (one matmul, no temporary the size of the chunk), and `out` is returned. Only a
+        64-byte aligned `out` is used, the alignment of a fresh tensor, so the matmul's bits are
+        those of `B @ A` into a new tensor whatever buffer the engine hands over."""
         rows_shape = (r1 - r0, *shape[1:]) if shape else (1,)
         pieces = self.pieces.get(name, ())
         if not pieces:   # untouched: tau = 0, as a broadcast view (no allocation, the engine copies it)
             return torch.zeros((), dtype=torch.float32).expand(math.prod(rows_shape))
-        out = None
+        if out is not None and not (out.device.type == "cpu" and out.dtype == torch.float32
+                                    and out.is_contiguous() and out.numel() == math.prod(rows_shape)
+                                    and out.data_ptr() % 64 == 0):
+            out = None
+        acc = None
         w = self.weights
         for p in pieces:
+            dst = out.view(rows_shape) if acc is None and out is not None else None
             if p.kind == "replace":
                 saved = w.view(p.a).reshape(1) if not shape else w.view(p.a, r0, r1)
                 b0 = base.view(name).reshape(1) if not shape else base.view(name, r0, r1)
-                d = saved.float() - b0.float()     # out of place: the views are read-only maps
+                if dst is not None and max(saved.element_size(), b0.element_size()) <= 4:
+                    # float32(saved) - float32(b0): both conversions are exact, one rounding
+                    d = dst.copy_(saved).sub_(b0)
+                else:
+                    d = saved.float() - b0.float()     # out of place: the views are read-only maps
             elif p.kind == "bias":
                 d = w.view(p.b, r0, r1).float() * p.scaling
             elif p.transposed:    # (B @ A).T rows r0:r1 = A[:, r0:r1].T @ B.T
                 a = w.view(p.a).float()[:, r0:r1]
-                d = (a.t() @ w.view(p.b).float().t()).mul_(p.scaling)
+                bt = w.view(p.b).float().t()
+                d = (torch.matmul(a.t(), bt, out=dst) if dst is not None else a.t() @ bt).mul_(p.scaling)
             else:                 # rows r0:r1 of B @ A, times scaling (peft's order)
-                d = (w.view(p.b, r0, r1).float() @ w.view(p.a).float()).mul_(p.scaling)
-            out = d if out is None else out.add_(d)
-        return out.reshape(rows_shape)
+                b, a = w.view(p.b, r0, r1).float(), w.view(p.a).float()
+                d = (torch.matmul(b, a, out=dst) if dst is not None else b @ a).mul_(p.scaling)
+            acc = d if acc is None else acc.add_(d)
+        return out if out is not None and acc.data_ptr() == out.data_ptr() else acc.reshape(rows_shape)
 
     # -- the Checkpoint-like surface the pipeline uses -----------------------------------------------------
     def release(self, name: str | None = None, r0=None, r1=None) -> None:

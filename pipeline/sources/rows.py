@@ -89,15 +89,21 @@ class RowSource:
         self.release()
         return out
 
-    def task_delta(self, k: int, r0: int, r1: int) -> torch.Tensor | None:
-        """tau_k rows for an adapter (float32), None for a full fine-tune (the engine subtracts)."""
+    def task_zero(self, k: int) -> bool:
+        """True when tau_k is zero here without reading: an adapter that does not touch the tensor."""
+        m = self._models[k]
+        return not self._ext and is_adapter(m) and not m.touched(self._name)
+
+    def task_delta(self, k: int, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """tau_k rows for an adapter (float32; written into `out` when it can), None for a full
+        fine-tune (the engine subtracts)."""
         if self._ext:
             return self._ext_delta(k, r0, r1)
         m = self._models[k]
         if not is_adapter(m):
             return None
         self.release()
-        d = m.delta(self._name, self.shape, r0, r1, self._base)
+        d = m.delta(self._name, self.shape, r0, r1, self._base, out=out)
         m.release(self._name)
         if m.touched(self._name):       # a saved tensor (tau = saved - base) read base rows
             self._base.release(self._name, r0, r1)
