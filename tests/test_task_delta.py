@@ -153,3 +153,13 @@ def test_tasks_given_as_tau_read_the_base_once(plan, phi):
     assert src.base_reads == 0
     merge_tensor(spec, "w", src, MemorySink(shape, K), plan, gv)
     assert src.base_reads == -(-shape[0] // plan.chunk_rows)
+
+
+@pytest.mark.parametrize("plan", [TensorPlan(12, True, 0), TensorPlan(3, True, 0), TensorPlan(3, False, 0)])
+def test_nonfinite_base_is_named_when_every_task_is_a_delta(plan):
+    """The fit passes no longer read the base for delta tasks; the combine's read still checks it."""
+    base, taus = exact_family((12, 5), 2)
+    base[7, 3] = float("inf")
+    spec = MergeSpec("emr", TADrop(), ("a", "b"))
+    with pytest.raises(Exception, match="base model"):
+        merge(spec, KnownZero(base, [None, None], [taus[0], None], zero={1}), plan)
