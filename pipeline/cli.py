@@ -216,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr)
+    # huggingface_hub's HTTP client (httpx, or httpx2 in huggingface_hub 2) logs every request at INFO
+    for chatty in ("httpx", "httpcore", "httpx2", "httpcore2"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     handlers = {"merge": _merge, "export": _export, "report": _report, "verify": _verify,
                 "status": _status, "tune": _tune}
     try:

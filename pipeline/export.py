@@ -309,6 +309,9 @@ def _vocab(cfg: MergeConfig, base: Checkpoint, unified: Checkpoint):
     if not any(n in base.tensors and unified.tensors[n].shape != base.tensors[n].shape for n in unified.tensors):
         return None
     _, models = sources.open_inputs(cfg)
+    problems = sources.check_adapters(cfg, base, models)    # adapters' rows beyond V0 need their binding
+    if problems:
+        raise sources.AdapterError(problems[0])
     return sources.plan_vocab(cfg, base, models), tuple(models)
 
 

@@ -147,10 +147,16 @@ class MergeSpec:
 class TensorSource(Protocol):
     """Rows of the base and task tensors of one name.  0-d tensors have 1 row of 1.
 
-    Optional: `task_delta(k, r0, r1)` returning float32 rows of tau_k itself, or None
-    when task k is given as theta_k.  A source whose task is a difference (a LoRA
+    Optional: `task_delta(k, r0, r1[, out=None])` returning float32 rows of tau_k itself,
+    or None when task k is given as theta_k.  A source whose task is a difference (a LoRA
     adapter: tau = scaling * B @ A) hands tau over directly, since
-    float32(theta_0 + BA) - theta_0 is not BA; the engine then never calls `task(k, ...)`.
+    float32(theta_0 + BA) - theta_0 is not BA; the engine then never calls `task(k, ...)`,
+    and reads no base rows for that task outside the combine.  When the method accepts
+    `out` (a flat float32 buffer of the rows' numel), the source may write tau there and
+    return it (no temporary); any other returned tensor is copied.
+    Optional: `task_zero(k) -> bool`, True when tau_k is known to be zero for this tensor
+    without reading (an adapter that does not touch it): the engine fills zeros, and fits
+    Phi once for all such tasks with the same Phi (the fit of equal inputs is equal).
     """
     shape: tuple
     rows: int
@@ -203,9 +209,12 @@ class MemorySource:
     def task(self, k, r0, r1):
         return self._rows(self._tasks[k], r0, r1)
 
-    def task_delta(self, k, r0, r1):
+    def task_delta(self, k, r0, r1, out=None):
         d = self._deltas[k]
-        return None if d is None else self._rows(d, r0, r1).float()
+        if d is None:
+            return None
+        rows = self._rows(d, r0, r1)
+        return rows.float() if out is None else out.copy_(rows.reshape(-1))
 
 
 class MemorySink:

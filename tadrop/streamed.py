@@ -20,6 +20,7 @@ their in-memory versions live in spec.py (re-exported here).
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -114,7 +115,10 @@ class TensorResult:
 
 
 class _Reader:
-    """Loads float32 tau chunks of one tensor into the engine's buffers, checking finiteness."""
+    """Loads float32 tau chunks of one tensor into the engine's buffers, checking finiteness.
+
+    A task the source hands over as tau itself (`task_delta`, e.g. a LoRA adapter) or knows to be
+    zero (`task_zero`) never needs the base: the fit passes then read no base rows for it."""
 
     def __init__(self, name, src, spec, device):
         self.name, self.src, self.spec, self.device = name, src, spec, torch.device(device)
@@ -123,10 +127,10 @@ class _Reader:
         # TADrop always, and tensor-scope TopK, build a hi histogram of every tau_k,
         # which raises NonFiniteError itself (before any output is written)
         self.histogram_checks = isinstance(phi, TADrop) or (isinstance(phi, TopK) and phi.scope == "tensor")
-
-    def _delta(self, k, r0, r1):
-        fn = getattr(self.src, "task_delta", None)
-        return fn(k, r0, r1) if fn is not None else None
+        self._delta_fn = getattr(src, "task_delta", None)
+        self._delta_out = self._delta_fn is not None and _takes_out(self._delta_fn)
+        zero = getattr(src, "task_zero", None)
+        self.zero = [bool(zero(k)) if zero is not None else False for k in range(spec.K)]
 
     def _check(self, t: torch.Tensor, who: str):
         if t.numel() and not math.isfinite(float(torch.sum(t))):   # cheap test; exact one below
@@ -139,13 +143,28 @@ class _Reader:
         self._check(out, "base model")
         return out
 
-    def tau(self, k, r0, r1, base, out):
-        delta = self._delta(k, r0, r1)
-        if delta is not None:                   # the source holds tau_k itself (an adapter)
+    def direct(self, k, r0, r1, out):
+        """tau_k rows into `out` when the source has them without the base (zero, or
+        `task_delta`); None when task k is given as theta_k."""
+        if self.zero[k]:
+            return out.zero_()
+        if self._delta_fn is None:
+            return None
+        delta = self._delta_fn(k, r0, r1, out=out) if self._delta_out else self._delta_fn(k, r0, r1)
+        if delta is None:
+            return None
+        if delta.data_ptr() != out.data_ptr() or delta.numel() != out.numel():
             out.copy_(delta.reshape(-1))
-            if not self.histogram_checks:
-                self._check(out, f"task {self.spec.task_names[k]!r}")
-            return out
+        if not self.histogram_checks:
+            self._check(out, f"task {self.spec.task_names[k]!r}")
+        return out
+
+    def tau(self, k, r0, r1, base, out):
+        t = self.direct(k, r0, r1, out)
+        # None: task k is theta_k; else the source held tau_k itself (an adapter)
+        return self.from_theta(k, r0, r1, base, out) if t is None else t
+
+    def from_theta(self, k, r0, r1, base, out):
         rows = self.src.task(k, r0, r1).reshape(-1)
         if rows.dtype == torch.float32 and rows.device == out.device:
             torch.sub(rows, base, out=out)
@@ -157,18 +176,40 @@ class _Reader:
         return out
 
     def chunks(self, k, chunk_rows):
-        """Callable yielding tau_k chunk by chunk (each valid until the next one)."""
+        """Callable yielding tau_k chunk by chunk (each valid until the next one); base rows are
+        read only for a task given as theta_k."""
         cap = min(chunk_rows, self.rows) * self.rn
 
         def gen():
-            bb = scratch("eng.gbase", cap, torch.float32, self.device)
             tb = scratch("eng.gtau", cap, torch.float32, self.device)
             for r0 in range(0, self.rows, chunk_rows):
                 r1 = min(self.rows, r0 + chunk_rows)
                 m = (r1 - r0) * self.rn
-                b = self.base(r0, r1, bb[:m])
-                yield self.tau(k, r0, r1, b, tb[:m])
+                t = self.direct(k, r0, r1, tb[:m])
+                if t is None:
+                    b = self.base(r0, r1, scratch("eng.gbase", cap, torch.float32, self.device)[:m])
+                    t = self.from_theta(k, r0, r1, b, tb[:m])
+                yield t
         return gen
+
+
+    def gather(self, k, chunk_rows, whole):
+        """The whole tau_k into `whole`, computed chunk by chunk straight into its slices."""
+        for r0 in range(0, self.rows, chunk_rows):
+            r1 = min(self.rows, r0 + chunk_rows)
+            dst = whole[r0 * self.rn:r1 * self.rn]
+            if self.direct(k, r0, r1, dst) is None:
+                b = self.base(r0, r1, scratch("eng.gbase", min(chunk_rows, self.rows) * self.rn,
+                                              torch.float32, self.device)[:dst.numel()])
+                self.from_theta(k, r0, r1, b, dst)
+        return whole
+
+
+def _takes_out(fn) -> bool:
+    try:
+        return "out" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _named(fn, name, task):
@@ -266,6 +307,21 @@ def merge_tensor(spec: MergeSpec, name: str, src: TensorSource, sink: TensorSink
     keep_buf = (scratch("eng.keep", K * cap, torch.bool, dev).view(K, cap)
                 if (mask_mode or official) and n else None)
 
+    # A task the source knows to be zero here (an adapter that does not touch the tensor) has the
+    # same fit as every other such task with the same Phi and global value: fitted once, reused.
+    zero_fits: list[tuple] = []
+
+    def zero_fit(k):
+        if rd.zero[k] and spec.phi(k).needs_fit:
+            for phi_j, gv_j, st in zero_fits:
+                if phi_j == spec.phi(k) and gv_j == gv[k]:
+                    return st
+        return None
+
+    def remember_zero_fit(k):
+        if rd.zero[k] and spec.phi(k).needs_fit and zero_fit(k) is None:
+            zero_fits.append((spec.phi(k), gv[k], stats[k]))
+
     def weigh(k, t):
         if spec.weights[k] != 1.0:
             t.mul_(spec.weights[k])
@@ -278,11 +334,19 @@ def merge_tensor(spec: MergeSpec, name: str, src: TensorSource, sink: TensorSink
         for k in range(K):
             task = spec.task_names[k]
             t = rd.tau(k, 0, rows, base, taus[k])
-            if mask_mode:
+            known = zero_fit(k)
+            if known is not None:                   # tau_k = 0 fitted already: same stats, apply only
+                stats[k] = known
+                if mask_mode:
+                    spec.phi(k).keep_entries(t, known, keep_buf[k])
+                else:
+                    spec.phi(k).apply(t, known, key(k, 0))
+            elif mask_mode:
                 stats[k] = _named(lambda: spec.phi(k).fit(t, global_value=gv[k]), name, task)
                 spec.phi(k).keep_entries(t, stats[k], keep_buf[k])
             else:
                 stats[k] = _named(lambda: spec.phi(k).fit_apply_(t, key(k, 0), global_value=gv[k]), name, task)
+            remember_zero_fit(k)
             if official:
                 _official_keep(t, thr[k], keep_buf[k])
             weigh(k, t)
@@ -292,16 +356,15 @@ def merge_tensor(spec: MergeSpec, name: str, src: TensorSource, sink: TensorSink
             task, phi = spec.task_names[k], spec.phi(k)
             if not phi.needs_fit:
                 stats[k] = phi.fit_streamed(lambda: (), n)
+            elif zero_fit(k) is not None:
+                stats[k] = zero_fit(k)
             elif plan.fit_whole:
-                whole = scratch("eng.whole", n, torch.float32, dev)
-                i = 0
-                for c in rd.chunks(k, cr)():
-                    whole[i:i + c.numel()].copy_(c)
-                    i += c.numel()
+                whole = rd.gather(k, cr, scratch("eng.whole", n, torch.float32, dev))
                 stats[k] = _named(lambda: phi.fit(whole, global_value=gv[k]), name, task)
             else:
                 stats[k] = _named(lambda: phi.fit_streamed(rd.chunks(k, cr), n, global_value=gv[k]),
                                   name, task)
+            remember_zero_fit(k)
         taus_buf = scratch("eng.taus", K * cap, torch.float32, dev).view(K, cap)
         base_buf = scratch("eng.base", cap, torch.float32, dev)
         for r0 in range(0, rows, cr):

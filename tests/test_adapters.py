@@ -98,6 +98,30 @@ def test_rank_pattern_is_per_module(tmp_path, bases):
     assert scale["model.layers.0.mlp.down_proj.weight"] == 5 / 4
 
 
+@pytest.mark.parametrize("flavour", sorted(FLAVOURS))
+def test_delta_into_the_engines_buffer_has_the_same_bits(tmp_path, bases, flavour):
+    """The engine hands its float32 buffer to `delta(out=...)`: B @ A computed straight into it (or,
+    where the buffer is not aligned like a fresh tensor, into a temporary) has the bits of the plain call."""
+    arch, kw = FLAVOURS[flavour]
+    adir = make_adapter(bases[arch], tmp_path / "ad", load_causal, **kw)
+    base = Checkpoint.open(bases[arch], "base")
+    ad = LoraAdapter("a", adir)
+    assert ad.bind(base) == []
+    for name, info in base.tensors.items():
+        shape, rows = tuple(info.shape), max(1, info.rows)
+        for r0, r1 in ((0, rows), (1, min(rows, 6))):
+            if r1 <= r0:
+                continue
+            want = ad.delta(name, shape, r0, r1, base).reshape(-1)
+            m = want.numel()
+            buf = torch.full((m + 16,), float("nan"))
+            for out in (buf[:m], buf[1:m + 1]):          # 64-byte aligned, and not
+                got = ad.delta(name, shape, r0, r1, base, out=out).reshape(-1)
+                assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (flavour, name, r0)
+                if ad.touched(name) and out.data_ptr() % 64 == 0 and ad.pieces[name][0].kind != "bias":
+                    assert got.data_ptr() == out.data_ptr(), name     # no temporary (biases are tiny)
+
+
 # -- through the pipeline --------------------------------------------------------------------------
 
 def write_cfg(path, base, models, out, **kw):

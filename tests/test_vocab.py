@@ -196,3 +196,96 @@ def test_mergekit_tokenizer_source_through_the_cli(tmp_path, vocab_family, sourc
             want = w["base"][name].double() + sum(w[n][name].double() - w["base"][name].double() for n in "abc")
         assert t.shape == want.shape and torch.allclose(t.double(), want, atol=1e-6), name
     assert json.loads((tmp_path / "run" / "merged" / "config.json").read_text())["vocab_size"] == rows
+
+
+# -- adapters trained on an extended vocabulary ------------------------------------------------------
+
+def resized_adapter(base: Path, out: Path, extra: list[str], seed: int, **lora_kw) -> Path:
+    """A PEFT adapter trained after resize_token_embeddings (peft saves the resized embedding layers)."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(seed)
+    m = transformers.AutoModelForCausalLM.from_pretrained(base)
+    m.resize_token_embeddings(64 + len(extra))
+    pm = peft.get_peft_model(m, peft.LoraConfig(init_lora_weights=False, **lora_kw))
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for _, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    pm.save_pretrained(out)
+    write_tokenizer(out, extra)
+    return out
+
+
+def peft_merged_resized(base: Path, adapter: Path, rows: int) -> dict:
+    """peft's own merge of the adapter onto the base resized as the adapter was trained."""
+    import peft
+    m = transformers.AutoModelForCausalLM.from_pretrained(base)
+    m.resize_token_embeddings(rows)
+    merged = peft.PeftModel.from_pretrained(m, str(adapter)).merge_and_unload()
+    return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+
+RESIZED = {   # how peft saves the resized rows: whole layers, modules_to_save copies, LoRA on base_layer
+    "resized_only": dict(r=4, lora_alpha=8, target_modules=["q_proj"]),
+    "modules_to_save": dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"]),
+    "embedding_lora": dict(r=3, lora_alpha=6, target_modules=["q_proj", "embed_tokens", "lm_head"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flavour", sorted(RESIZED))
+def test_adapter_on_an_extended_vocabulary_equals_peft_merge(tmp_path, vocab_family, flavour):
+    """SPEC 5: an adapter is a fine-tune; its rows beyond V0 are its saved full tensor (+ its LoRA update)."""
+    fam = vocab_family
+    chat = ["<|im_start|>", "<|im_end|>"]
+    adir = resized_adapter(fam["base"], tmp_path / "ad", chat, 5, **RESIZED[flavour])
+    want = peft_merged_resized(fam["base"], adir, 66)
+    d = {"base": str(fam["base"]), "models": [{"name": "x", "adapter": str(adir)}], "output": str(tmp_path / "run"),
+         "workers": 1, "memory_budget": "64MiB", "method": "task_arithmetic", "lambda": 1.0,
+         "tokenizer_source": "union", "output_dtype": "float32"}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
+    merge(load_config(tmp_path / "c.yaml"), quiet=True)
+    out, base = sd(tmp_path / "run" / "merged"), sd(fam["base"])
+    eps = torch.finfo(torch.float32).eps
+    for name, w in want.items():
+        got = out[name]
+        assert got.shape == w.shape, name
+        tol = 4 * eps * (w.abs() + got.abs() + (w - (base[name] if base[name].shape == w.shape else w)).abs().max())
+        assert bool(((got - w).abs() <= tol + 1e-7).all()), (flavour, name, float((got - w).abs().max()))
+    assert json.loads((tmp_path / "run" / "merged" / "config.json").read_text())["vocab_size"] == 66
+    assert (tmp_path / "run" / "merged" / "tokenizer.json").read_bytes() == (adir / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.slow
+def test_adapter_and_full_finetune_rows_are_averaged_over_the_models_that_have_them(tmp_path, vocab_family):
+    fam = vocab_family
+    adir = resized_adapter(fam["base"], tmp_path / "ad", ["<|im_start|>", "<|im_end|>"], 6, r=2, lora_alpha=2,
+                           target_modules=["v_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    x = peft_merged_resized(fam["base"], adir, 66)
+    d = {"base": str(fam["base"]), "models": [{"name": "x", "adapter": str(adir)}, {"name": "c", "path": str(fam["c"])}],
+         "output": str(tmp_path / "run"), "workers": 1, "memory_budget": "64MiB", "method": "task_arithmetic",
+         "lambda": 1.0, "tokenizer_source": "union", "output_dtype": "float32"}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
+    merge(load_config(tmp_path / "c.yaml"), quiet=True)
+    out, c = sd(tmp_path / "run" / "merged"), sd(fam["c"])
+    for name in (EMB, HEAD):
+        mean = (x[name][64:66].double() + c[name][64:66].double()) / 2
+        want = mean + (x[name][64:66].double() - mean) + (c[name][64:66].double() - mean)
+        assert torch.allclose(out[name][64:66].double(), want, atol=1e-6), name
+        assert torch.equal(out[name][66], c[name][66]), name          # only c has row 66
+
+
+def test_adapter_that_extends_the_embeddings_but_not_the_head_is_refused(tmp_path, vocab_family):
+    """peft saves a targeted embedding's resized base_layer but not an untargeted, resized lm_head:
+    the fine-tune's head rows beyond V0 are not in the adapter."""
+    adir = resized_adapter(vocab_family["base"], tmp_path / "ad", ["<x>", "<y>"], 7, r=2, lora_alpha=2,
+                           target_modules=["q_proj", "embed_tokens"])
+    d = {"base": str(vocab_family["base"]), "models": [{"name": "emb", "adapter": str(adir)}],
+         "output": str(tmp_path / "run"), "workers": 1, "tokenizer_source": "union"}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
+    proc = run_cli("merge", tmp_path / "c.yaml")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    line, = proc.stderr.strip().splitlines()
+    assert "adapter 'emb'" in line and EMB in line and HEAD in line and "66 rows" in line, line
+    assert not (tmp_path / "run").exists()

@@ -108,5 +108,8 @@ def input_bytes(model, name: str) -> int:
 
 def mapped_itemsize(model, name: str) -> int:
     """What the source holds per element of a chunk: mapped input pages, or an adapter's float32 delta
-    (the chunk's tau and the B @ A product being added into it)."""
-    return 8 if is_adapter(model) else model.tensors[name].itemsize
+    (a temporary of the chunk's size where it cannot write into the engine's buffer, a saved tensor's
+    mapped pages and the base rows it subtracts); nothing for an adapter that does not touch it."""
+    if is_adapter(model):
+        return 8 if model.touched(name) else 0
+    return model.tensors[name].itemsize

@@ -65,8 +65,8 @@ class RowSource:
         count = torch.zeros((r1 - lo,), dtype=torch.float64)
         for m, rows in zip(self._models, self._ext):
             hi = min(r1, rows)
-            if hi > lo and not is_adapter(m):
-                acc[: hi - lo] += self._view(m, lo, hi).double()
+            if hi > lo:       # an adapter's rows there: its saved full tensor (+ its LoRA update)
+                acc[: hi - lo] += (self._theta_rows(m, lo, hi) if is_adapter(m) else self._view(m, lo, hi)).double()
                 count[: hi - lo] += 1
         self.release()
         out[lo - r0:].copy_(acc / count.view(-1, *([1] * (acc.dim() - 1))))
@@ -75,29 +75,49 @@ class RowSource:
 
     def _ext_delta(self, k: int, r0: int, r1: int) -> torch.Tensor:
         """tau_k rows of an extended tensor: theta_k - base where model k has the row, else 0."""
-        b = self._ext_base(r0, r1) if r1 > self._v0 else self._view(self._base, r0, r1).float()
         m, rows = self._models[k], self._ext[k]
         out = torch.zeros((r1 - r0, *self.shape[1:]), dtype=torch.float32)
-        hi = min(r1, rows, self._v0) if is_adapter(m) else min(r1, rows)
-        if hi > r0:
-            if is_adapter(m):
-                d = m.delta(self._name, (self._v0, *self.shape[1:]), r0, hi, self._base)
-                out[: hi - r0] = d.reshape(hi - r0, *self.shape[1:])
-            else:
+        if not is_adapter(m):
+            b = self._ext_base(r0, r1) if r1 > self._v0 else self._view(self._base, r0, r1).float()
+            hi = min(r1, rows)
+            if hi > r0:
                 out[: hi - r0].copy_(self._view(m, r0, hi))
                 out[: hi - r0].sub_(b[: hi - r0])
+            self.release()
+            return out
+        hi = min(r1, rows, self._v0)         # the base's rows: tau from the adapter itself
+        if hi > r0:
+            d = m.delta(self._name, (self._v0, *self.shape[1:]), r0, hi, self._base)
+            out[: hi - r0] = d.reshape(hi - r0, *self.shape[1:])
+        lo, hi = max(r0, self._v0), min(r1, rows)
+        if hi > lo:                          # rows the base lacks: the adapter's rows - the extended base
+            b = self._ext_base(r0, r1)
+            out[lo - r0: hi - r0] = self._theta_rows(m, lo, hi) - b[lo - r0: hi - r0]
+        m.release(self._name)
+        self._base.release(self._name)
         self.release()
         return out
 
-    def task_delta(self, k: int, r0: int, r1: int) -> torch.Tensor | None:
-        """tau_k rows for an adapter (float32), None for a full fine-tune (the engine subtracts)."""
+    def _theta_rows(self, m, lo: int, hi: int) -> torch.Tensor:
+        t = m.theta_rows(self._name, lo, hi)
+        m.release(self._name)
+        return t
+
+    def task_zero(self, k: int) -> bool:
+        """True when tau_k is zero here without reading: an adapter that does not touch the tensor."""
+        m = self._models[k]
+        return not self._ext and is_adapter(m) and not m.touched(self._name)
+
+    def task_delta(self, k: int, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """tau_k rows for an adapter (float32; written into `out` when it can), None for a full
+        fine-tune (the engine subtracts)."""
         if self._ext:
             return self._ext_delta(k, r0, r1)
         m = self._models[k]
         if not is_adapter(m):
             return None
         self.release()
-        d = m.delta(self._name, self.shape, r0, r1, self._base)
+        d = m.delta(self._name, self.shape, r0, r1, self._base, out=out)
         m.release(self._name)
         if m.touched(self._name):       # a saved tensor (tau = saved - base) read base rows
             self._base.release(self._name, r0, r1)

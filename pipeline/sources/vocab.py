@@ -113,7 +113,9 @@ def plan_vocab(cfg, base, models: list) -> Vocab | None:
     source = getattr(cfg, "tokenizer_source", "base") or "base"
     ext: dict[str, dict[str, int]] = {}       # model -> tensor -> rows
     for m in models:
-        if is_adapter(m):
+        if is_adapter(m):       # bound adapters: the saved full tensors with more rows (sources.lora)
+            if getattr(m, "ext_rows", None):
+                ext[m.name] = dict(m.ext_rows)
             continue
         for name, b in base.tensors.items():
             t = m.tensors.get(name)
@@ -133,25 +135,34 @@ def plan_vocab(cfg, base, models: list) -> Vocab | None:
                              f"({', '.join(f'{n} {r}' for n, r in sorted(d.items()))})")
         lacking = [n for n in names if n not in d]
         if lacking:
-            raise VocabError(f"model {mname!r}: {', '.join(d)} extended to {max(d.values())} rows but "
+            kind = "adapter" if is_adapter(next(m for m in models if m.name == mname)) else "model"
+            raise VocabError(f"{kind} {mname!r}: {', '.join(d)} extended to {max(d.values())} rows but "
                              f"{', '.join(lacking)} not")
     if v0 is None:    # a named tokenizer_source but nothing extended: the base's vocabulary
         return None
     mrows = {m.name: (next(iter(ext[m.name].values())) if m.name in ext else v0) for m in models}
+    def has_tokenizer(m) -> bool:    # a full fine-tune's directory always counts (as before)
+        return not is_adapter(m) or any((m.root / f).is_file() for f in
+                                        ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model"))
+
     if source == "base":
         size, tok_dir = v0, None
     elif source == "union":
         size = max(mrows.values())
-        tok_dir = next((m.root for m in models if mrows[m.name] == size and not is_adapter(m)), None)
+        tok_dir = next((m.root for m in models if mrows[m.name] == size and has_tokenizer(m)), None)
     else:
         m = next(m for m in models if m.name == source)
-        size, tok_dir = mrows[source], (m.root if not is_adapter(m) else None)
+        size, tok_dir = mrows[source], (m.root if has_tokenizer(m) else None)
+    if size > v0 and tok_dir is None:
+        log.warning("tokenizer_source %s: no model with the output's %d-row vocabulary has tokenizer files; "
+                    "the base's tokenizer (%d rows) is written", source, size, v0)
     dropped = {n: r - size for n, r in mrows.items() if r > size}
     if dropped:
         log.warning("tokenizer_source %s: %d vocabulary row(s) beyond the output's %d dropped (%s)", source,
                     sum(dropped.values()), size, ", ".join(f"{n}: {r}" for n, r in sorted(dropped.items())))
-    named = [("the base", base.root, v0)] + [(f"model {m.name!r}", m.root, mrows[m.name]) for m in models
-                                             if not is_adapter(m)]
+    named = [("the base", base.root, v0)] + [
+        (f"{'adapter' if is_adapter(m) else 'model'} {m.name!r}", m.root, mrows[m.name]) for m in models
+        if not is_adapter(m) or (has_tokenizer(m) or m.name in ext)]
     _check_tokens(named, size)
     rows = {n: tuple(mrows[m.name] for m in models) for n in names}
     return Vocab(source, v0, size, rows, tok_dir)
