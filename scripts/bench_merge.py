@@ -390,12 +390,14 @@ def outputs_digest(run_dir: Path) -> str:
     return h.hexdigest()
 
 
-def run_case(case: Case, man: dict, args, data: Path, rnd: int = 0) -> Result:
+def run_case(case: Case, man: dict, args, data: Path, rnd: int = 0, resume: bool = False) -> Result:
+    """One case from scratch; `resume=True` keeps the run directory, so tadrop resumes it."""
     runs, logs, cfgs = data / "runs", data / "logs", data / "configs"
     for d in (runs, logs, cfgs):
         d.mkdir(parents=True, exist_ok=True)
     run_dir, cfg, log = runs / case.name, cfgs / f"{case.name}.yaml", logs / f"{case.name}.log"
-    shutil.rmtree(run_dir, ignore_errors=True)  # a leftover run would be resumed, not re-merged
+    if not resume:
+        shutil.rmtree(run_dir, ignore_errors=True)  # a leftover run would be resumed, not re-merged
     notes = []
     if case.tool == "tadrop":
         cfg.write_text(tadrop_config(case, man, run_dir))
@@ -494,7 +496,7 @@ def resume_test(case: Case, man: dict, args, data: Path, full: Result) -> Result
     window = 2 * args.workers                      # LocalExecutor's jobs in flight
     in_flight_b = sum(j["bytes"] for j in undone[:window])
     r = run_case(case, man, argparse.Namespace(**{**vars(args), "keep_outputs": True, "wait_idle": 0}),
-                 data, full.round)
+                 data, full.round, resume=True)
     r.case = case.name + "-resume"
     fixed_s = full.wall_s - (full.timings or {}).get("map_s", 0.0) - (full.timings or {}).get("reduce_s", 0.0)
     allowance = fixed_s + full.wall_s * in_flight_b / total_b
