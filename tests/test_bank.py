@@ -47,8 +47,9 @@ def assert_same(got: dict, want: dict, what: str) -> None:
     for name, w in want.items():
         g = got[name]
         assert g.dtype == w.dtype and g.shape == w.shape, f"{what}/{name}: {g.dtype}{tuple(g.shape)}"
-        assert torch.equal(g.cpu().view(torch.uint8) if g.dtype == torch.bfloat16 else g.cpu(),
-                           w.view(torch.uint8) if w.dtype == torch.bfloat16 else w), f"{what}/{name}"
+        # bytes, not values: -0.0 == 0.0 would hide a wrong sign of zero
+        assert torch.equal(g.cpu().contiguous().reshape(-1).view(torch.uint8),
+                           w.contiguous().reshape(-1).view(torch.uint8)), f"{what}/{name}"
 
 
 _RUNS: dict = {}
