@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, MergeConfig, config_from_data, read_config_data
+from .config import ConfigError, MergeConfig, config_from_data, read_config_data, read_finished_run
 
 
 @dataclass(frozen=True)
@@ -52,13 +52,7 @@ class RunResult:
     def open(cls, run_dir: str | os.PathLike) -> "RunResult":
         """The result of a complete run directory."""
         run_dir = Path(run_dir)
-        try:
-            record = json.loads((run_dir / "run.json").read_text())
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{run_dir}: not a tadrop run (run.json: {e})") from None
-        if not record.get("complete"):
-            raise ConfigError(f"{run_dir}: the run is not complete; call merge() again to finish it")
-        cfg = MergeConfig.from_json(record["config"])
+        record, cfg = read_finished_run(run_dir, ConfigError, "call merge() again to finish it")
         there = lambda p: p if p.exists() else None  # noqa: E731
         masks = there(run_dir / "masks.zarr")
         scalars: dict = {}

@@ -514,3 +514,18 @@ def _model_in(annotation: Any) -> Any:
         return annotation
     found = [a for a in (_model_in(x) for x in typing.get_args(annotation)) if a is not None]
     return found[0] if len(found) == 1 else None
+
+
+def read_finished_run(run_dir, error: type[Exception], unfinished: str) -> tuple[dict, "MergeConfig"]:
+    """run.json and the config of a complete run; `error(...)` names the directory when it is not a
+    run, and says `unfinished` when the run is not complete."""
+    import json
+    from pathlib import Path
+    run_dir = Path(run_dir)
+    try:
+        record = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError) as e:
+        raise error(f"{run_dir} is not a tadrop run (run.json: {e})") from None
+    if not record.get("complete"):
+        raise error(f"run {run_dir} is not complete: {unfinished}")
+    return record, MergeConfig.from_json(record["config"])

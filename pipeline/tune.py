@@ -41,7 +41,7 @@ from tadrop import streamed
 
 from . import integrity, sources
 from .checkpoints import validate_inputs
-from .config import MergeConfig
+from .config import MergeConfig, read_finished_run
 from .export import ExportError, export_task
 from .globalstats import MAJORITY_FILE, VALUES_FILE, load_majority, load_values
 from .job import _Sink, _Source
@@ -92,13 +92,7 @@ def load_score_function(spec: str) -> Callable:
 
 # -- the run -----------------------------------------------------------------------------------------
 def _load(run_dir: Path) -> tuple[dict, MergeConfig]:
-    try:
-        record = json.loads((run_dir / "run.json").read_text())
-    except (OSError, ValueError) as e:
-        raise TuneError(f"{run_dir} is not a tadrop run (run.json: {e})") from None
-    if not record.get("complete"):
-        raise TuneError(f"run {run_dir} is not complete: finish it first (re-run `tadrop merge`)")
-    cfg = MergeConfig.from_json(record["config"])
+    record, cfg = read_finished_run(run_dir, TuneError, "finish it first (re-run `tadrop merge`)")
     if cfg.method != "tall_masks":
         raise TuneError(f"run {run_dir} merges with {cfg.method}; `tadrop tune` chooses TALL's lambda_k "
                         "and needs method tall_masks")

@@ -90,6 +90,14 @@ def write_hf(d: Path, sd: dict, config: dict | None = None) -> Path:
     return d
 
 
+def write_hf_family(root: Path, base: dict, tasks: list) -> dict:
+    """base + tasks (state dicts) as checkpoints under root: {"base": dir, "t0": dir, ...}."""
+    fam = {"base": write_hf(root / "base", base)}
+    for k, t in enumerate(tasks):
+        fam[f"t{k}"] = write_hf(root / f"t{k}", t)
+    return fam
+
+
 def write_config(path: Path, family: dict, output: Path, **kw) -> Path:
     names = [n for n in family if n != "base"]
     cfg = {"base": str(family["base"]),

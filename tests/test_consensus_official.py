@@ -16,7 +16,7 @@ from tadrop import (MemorySink, MemorySource, MergeSpec, TADrop, TensorPlan, mer
                     ties_official_vector)
 from tadrop.streamed import global_sign_count
 
-from conftest import tree_digest, write_config, write_hf
+from conftest import tree_digest, write_config, write_hf_family
 from refcheck import check_run
 from test_emr_mask import model_values, state_dicts
 
@@ -119,12 +119,7 @@ def test_differs_from_inner_ties():
 
 @pytest.fixture(scope="module")
 def quantised_family(tmp_path_factory):
-    root = tmp_path_factory.mktemp("quantised")
-    base, tasks = quantised()
-    fam = {"base": write_hf(root / "base", base)}
-    for k, t in enumerate(tasks):
-        fam[f"t{k}"] = write_hf(root / f"t{k}", t)
-    return fam
+    return write_hf_family(tmp_path_factory.mktemp("quantised"), *quantised())
 
 
 @pytest.mark.parametrize("method", ["consensus", "tall_masks"])

@@ -14,7 +14,7 @@ from pipeline.ledger import Ledger
 from pipeline.run import merge
 from tadrop import MergeSpec, TADrop, merge_state_dicts
 
-from conftest import tree_digest, write_config, write_hf
+from conftest import tree_digest, write_config, write_hf_family
 from ray_fixtures import ray_session  # noqa: F401 - the session's Ray instance
 from refcheck import check_run
 from test_emr_mask import PLANS, engine_vs_reference, model_values, state_dicts
@@ -83,12 +83,7 @@ def test_one_threshold_per_task_over_the_model():
 
 @pytest.fixture(scope="module")
 def spread_family(tmp_path_factory):
-    root = tmp_path_factory.mktemp("spread")
-    base, tasks = spread()
-    fam = {"base": write_hf(root / "base", base)}
-    for k, t in enumerate(tasks):
-        fam[f"t{k}"] = write_hf(root / f"t{k}", t)
-    return fam
+    return write_hf_family(tmp_path_factory.mktemp("spread"), *spread())
 
 
 def _run(tmp_path, family, **kw):
