@@ -35,6 +35,19 @@ from .spec import (METHODS, MemorySink, MemorySource, MergeSpec, TensorSink,  # 
                    TensorSource, _geometry, _rows_shape)
 
 _FIXED_BYTES = 1 << 20   # histograms, one DARE block, float64 tails: not proportional to the tensor
+# Elementwise work (decode, tau, Phi's apply, weights, the combine) runs over blocks of this many
+# elements of the flat chunk, so that a block's K task rows and the method's temporaries stay in
+# the CPU's caches between the ~20 operations instead of each operation streaming the whole chunk
+# through memory (memory bandwidth, shared by the workers, is what a whole-chunk pass costs).
+# Every elementwise result depends on its element alone and the float64 sums are chunking-invariant,
+# so the block size never changes a bit.
+ENGINE_BLOCK = 1 << 17
+
+
+def _blocks(m: int, device) -> list[tuple[int, int]]:
+    """[j0, j1) cache blocks of a flat chunk of m elements (one block off the CPU: fewer launches)."""
+    step = ENGINE_BLOCK if torch.device(device).type == "cpu" else max(m, 1)
+    return [(j, min(m, j + step)) for j in range(0, m, step)]
 
 
 @dataclass(frozen=True)
@@ -169,8 +182,10 @@ class _Reader:
         if rows.dtype == torch.float32 and rows.device == out.device:
             torch.sub(rows, base, out=out)
         else:                                  # convert first: mixed-dtype arithmetic is slow
-            out.copy_(rows)
-            out.sub_(base)
+            for j0, j1 in _blocks(out.numel(), out.device):   # the subtraction reads the block from cache
+                o = out[j0:j1]
+                o.copy_(rows[j0:j1])
+                o.sub_(base[j0:j1])
         if not self.histogram_checks:           # else the fit's histogram pass checks instead
             self._check(out, f"task {self.spec.task_names[k]!r}")
         return out
@@ -235,8 +250,7 @@ class _Combiner:
         self.mask_counts = [0] * spec.K
         self.emr_sums = M.EMRSums(spec.K, device) if spec.method == "emr" else None
 
-    def _mtl(self, taus, inner, m, keep):
-        out = scratch("eng.uni", m, torch.float32, self.device)
+    def _mtl(self, taus, inner, out, keep):
         if inner == "ties_official":
             return M.ties_official_vector(taus, keep, self.majority, out=out)
         return (M.ties_vector if inner == "ties" else M.task_sum)(taus, out=out)
@@ -245,32 +259,51 @@ class _Combiner:
         for k in range(masks.shape[0]):   # per row: far faster than a bool sum over dim 1
             self.mask_counts[k] += int(torch.count_nonzero(masks[k]))
 
-    def __call__(self, r0, r1, taus, base, sink, keep=None):
+    def __call__(self, r0, r1, taus, base, sink, keep=None, prep=None):
+        """Combines rows r0:r1 (taus float32 [K, m], base [m]) block by block (`_blocks`);
+        `prep(j0, j1)` first brings the block's task rows through Phi and the weights."""
         spec, K, m = self.spec, self.spec.K, base.numel()
         rs = _rows_shape(self.shape, r0, r1)
         method = spec.method
+        blocks = _blocks(m, self.device)
+
+        def each(fn):
+            for j0, j1 in blocks:
+                if prep is not None:
+                    prep(j0, j1)
+                fn(j0, j1, taus[:, j0:j1], None if keep is None else keep[:, j0:j1])
+
         if method in ("task_arithmetic", "ties"):
             out = scratch("eng.out", m, torch.float32, self.device)
-            (M.task_arithmetic if method == "task_arithmetic" else M.ties)(base, taus, spec.lam, out=out)
+            merge = M.task_arithmetic if method == "task_arithmetic" else M.ties
+            each(lambda j0, j1, t, kp: merge(base[j0:j1], t, spec.lam, out=out[j0:j1]))
             sink.merged(r0, r1, out.view(rs))
             return
         masks = scratch("eng.masks", K * m, torch.bool, self.device).view(K, m)
+        uni = scratch("eng.uni", m, torch.float32, self.device)
         if method == "emr":
-            uni = scratch("eng.uni", m, torch.float32, self.device)
-            M.emr(taus, out_uni=uni, out_masks=masks, sums=self.emr_sums, keep=keep)
+            each(lambda j0, j1, t, kp: M.emr(t, out_uni=uni[j0:j1], out_masks=masks[:, j0:j1],
+                                             sums=self.emr_sums, keep=kp))
             sink.unified(r0, r1, uni.view(rs))
         else:
-            uni = self._mtl(taus, spec.inner, m, keep)
-            M.tall_masks(taus, uni, spec.tall_lambdas, out=masks)
+            out = scratch("eng.out", m, torch.float32, self.device) if method == "consensus" else None
+
+            def tall(j0, j1, t, kp):
+                u = self._mtl(t, spec.inner, uni[j0:j1], kp)
+                mk = M.tall_masks(t, u, spec.tall_lambdas, out=masks[:, j0:j1])
+                if out is not None:
+                    out[j0:j1] = M.consensus(base[j0:j1], u, mk, spec.consensus_k_min,
+                                             spec.consensus_alpha)
+            each(tall)
             if method == "tall_masks":
                 sink.unified(r0, r1, uni.view(rs))
             else:
-                out = M.consensus(base, uni, masks, spec.consensus_k_min, spec.consensus_alpha)
                 sink.merged(r0, r1, out.view(rs))
         self._count(masks)
         sink.masks(r0, r1, masks.view(K, *rs))
         for i, g in enumerate(spec.tall_grid):       # `tadrop tune`: every grid value's masks
-            M.tall_masks(taus, uni, (g,) * K, out=masks)
+            for j0, j1 in blocks:
+                M.tall_masks(taus[:, j0:j1], uni[j0:j1], (g,) * K, out=masks[:, j0:j1])
             sink.grid_masks(i, r0, r1, masks.view(K, *rs))
 
 
@@ -326,31 +359,36 @@ def merge_tensor(spec: MergeSpec, name: str, src: TensorSource, sink: TensorSink
         if spec.weights[k] != 1.0:
             t.mul_(spec.weights[k])
 
+    def prep(taus, keep, offset):
+        """prep(j0, j1) for the combiner: Phi's apply (or its keep mask), the official trim, the
+        weights, on the block's task rows while they are in cache."""
+        def run(j0, j1):
+            for k in range(K):
+                t = taus[k, j0:j1]
+                if mask_mode:
+                    spec.phi(k).keep_entries(t, stats[k], keep[k, j0:j1])
+                else:
+                    spec.phi(k).apply(t, stats[k], key(k, offset + j0))
+                if official:
+                    _official_keep(t, thr[k], keep[k, j0:j1])
+                weigh(k, t)
+        return run
+
     if n == 0:
         stats = [spec.phi(k).fit_streamed(lambda: (), 0) for k in range(K)]
-    elif cr >= rows:                                    # single read: fit and combine in place
+    elif cr >= rows:                                    # single read: fit, then Phi + combine per block
         taus = scratch("eng.taus", K * n, torch.float32, dev).view(K, n)
         base = rd.base(0, rows, scratch("eng.base", n, torch.float32, dev))
         for k in range(K):
             task = spec.task_names[k]
             t = rd.tau(k, 0, rows, base, taus[k])
             known = zero_fit(k)
-            if known is not None:                   # tau_k = 0 fitted already: same stats, apply only
+            if known is not None:                   # tau_k = 0 fitted already: same stats
                 stats[k] = known
-                if mask_mode:
-                    spec.phi(k).keep_entries(t, known, keep_buf[k])
-                else:
-                    spec.phi(k).apply(t, known, key(k, 0))
-            elif mask_mode:
-                stats[k] = _named(lambda: spec.phi(k).fit(t, global_value=gv[k]), name, task)
-                spec.phi(k).keep_entries(t, stats[k], keep_buf[k])
             else:
-                stats[k] = _named(lambda: spec.phi(k).fit_apply_(t, key(k, 0), global_value=gv[k]), name, task)
+                stats[k] = _named(lambda: spec.phi(k).fit(t, global_value=gv[k]), name, task)
             remember_zero_fit(k)
-            if official:
-                _official_keep(t, thr[k], keep_buf[k])
-            weigh(k, t)
-        comb(0, rows, taus, base, sink, keep_buf)
+        comb(0, rows, taus, base, sink, keep_buf, prep(taus, keep_buf, 0))
     else:
         for k in range(K):
             task, phi = spec.task_names[k], spec.phi(k)
@@ -374,15 +412,8 @@ def merge_tensor(spec: MergeSpec, name: str, src: TensorSource, sink: TensorSink
             taus = taus_buf[:, :m]
             keep = keep_buf[:, :m] if keep_buf is not None else None
             for k in range(K):
-                t = rd.tau(k, r0, r1, base, taus[k])
-                if mask_mode:
-                    spec.phi(k).keep_entries(t, stats[k], keep[k])
-                else:
-                    spec.phi(k).apply(t, stats[k], key(k, r0 * rn))
-                if official:
-                    _official_keep(t, thr[k], keep[k])
-                weigh(k, t)
-            comb(r0, r1, taus, base, sink, keep)
+                rd.tau(k, r0, r1, base, taus[k])
+            comb(r0, r1, taus, base, sink, keep, prep(taus, keep, r0 * rn))
     has_masks = "masks" in spec.outputs
     rows_out = [_stats_row(name, spec.task_names[k], stats[k],
                            (comb.mask_counts[k] / n if n else 0.0) if has_masks else None)

@@ -245,3 +245,50 @@ def test_scratch_pool_stays_near_the_plan():
     assert scratch_bytes() <= max(small_plan.est_bytes, after_whole)
     release_scratch()
     assert scratch_bytes() == 0
+
+
+# -- cache blocks ---------------------------------------------------------------------------------
+
+BLOCK_SPECS = [
+    ("ties", dict()), ("task_arithmetic", dict(sparsifier=DARE(0.3))),
+    ("emr", dict(sparsifier=TADrop())), ("emr", dict(sparsifier=TADrop(), emr_tadrop="mask")),
+    ("tall_masks", dict(tall_inner="ties", tall_grid=(0.2, 0.6))),
+    ("consensus", dict(sparsifier=TopK(0.5), consensus_inner="ties")),
+    ("tall_masks", dict(tall_inner="ties_official")),
+]
+
+
+@pytest.mark.parametrize("method,kw", BLOCK_SPECS, ids=lambda x: x if isinstance(x, str) else repr(x))
+@pytest.mark.parametrize("chunk_rows", [40, 9])
+def test_cache_blocks_never_change_a_bit(monkeypatch, method, kw, chunk_rows):
+    """The engine's elementwise work runs in cache blocks (streamed.ENGINE_BLOCK) whose edges fall
+    anywhere in a row: blocks of 1, 7 and 50 elements give the default's bytes and stats."""
+    import tadrop.streamed as S
+    K, shape = 3, (40, 33)
+    base, tasks = family(shape, K, torch.bfloat16, seed=5)
+    spec = MergeSpec(method, task_names=names(K), weights=(1.0, 0.5, 2.0), seed=7, **kw)
+    gv = None
+    if spec.official_ties:    # the model-wide trim thresholds and majority sign, as the pipeline finds them
+        gv = [float(torch.quantile((t.float() - base.float()).abs().flatten(), 0.8)) for t in tasks]
+    args = dict(majority=1.0) if spec.official_ties else {}
+    plan = TensorPlan(chunk_rows, True, 0)
+
+    class GridSink(MemorySink):
+        def grid_masks(self, i, r0, r1, masks):
+            self.grid = getattr(self, "grid", {})
+            self.grid.setdefault(i, torch.zeros((K, *shape), dtype=torch.bool))[:, r0:r1] = masks
+
+    def go():
+        sink = GridSink(base.shape, K)
+        res = merge_tensor(spec, "w", MemorySource(base, tasks), sink, plan, gv, **args)
+        return sink, res
+    a, ra = go()
+    for block in (1, 7, 50):
+        monkeypatch.setattr(S, "ENGINE_BLOCK", block)
+        b, rb = go()
+        for x, y in ((a.merged_t, b.merged_t), (a.unified_t, b.unified_t), (a.masks_t, b.masks_t)):
+            assert same_bits(x, y), block
+        if spec.tall_grid:
+            assert a.grid.keys() == b.grid.keys() == {0, 1}
+            assert all(torch.equal(a.grid[i], b.grid[i]) for i in a.grid), block
+        assert ra.to_dict() == rb.to_dict(), block
