@@ -297,6 +297,11 @@ class LocalExecutor(Executor):
 
     def close(self) -> None:
         if self._pool is not None:
+            # Every result the ledger holds is durable before it is reported, so a worker has nothing
+            # left to save: stopping it now spares the wait for its orderly exit (unmapping inputs,
+            # freeing buffers, interpreter teardown: about half a second at the end of every run).
+            for proc in list(getattr(self._pool, "_processes", {}).values()):
+                proc.terminate()
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
             self._ctx = None

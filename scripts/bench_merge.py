@@ -278,11 +278,28 @@ def warm(paths: list[Path]) -> None:
                     pass
 
 
-def cache_state(mode: str, inputs: list[Path]) -> str:
+# What each tool imports before it reads a byte of the inputs: loaded once after the cache is
+# dropped, so that a cold case reads its inputs cold but not its own code (torch's libraries alone
+# are ~0.4 GB, which would otherwise count as "bytes read per input byte").
+SOFTWARE = {
+    "tadrop": [sys.executable, "-c", "import torch, numpy, safetensors, zarr, pyarrow, xxhash, "
+               "pipeline.run, pipeline.executor, pipeline.reduce, tadrop"],
+    "mergekit": ["{venv_python}", "-c", "import torch, transformers, mergekit.merge, "
+                 "mergekit.scripts.run_yaml"],
+}
+
+
+def load_software(tool: str, venv_python: str | None = None) -> None:
+    cmd = [c.format(venv_python=venv_python or sys.executable) for c in SOFTWARE[tool]]
+    subprocess.run(cmd, cwd=REPO, check=False, capture_output=True)
+
+
+def cache_state(mode: str, inputs: list[Path], tool: str = "tadrop", venv_python: str | None = None) -> str:
     if mode == "none":
         return "as left by the previous case (neither dropped nor pre-read)"
     if mode in ("auto", "cold") and drop_caches():
-        return "cold (page cache dropped)"
+        load_software(tool, venv_python)
+        return "cold (page cache dropped, then the tool's code loaded: inputs cold, software warm)"
     if mode == "cold":
         return "warm (could not drop the page cache; inputs pre-read)"
     warm(inputs)
@@ -412,7 +429,9 @@ def run_case(case: Case, man: dict, args, data: Path, rnd: int = 0, resume: bool
         notes.append("mergekit defaults otherwise: CPU, synchronous writes, torch threads = cores")
     inputs = [Path(man["base"])] + [Path(man["tasks"][n]) for n in man["params"]["names"][: case.k]]
     busy = wait_idle(args.wait_idle) if args.wait_idle > 0 else -1.0
-    cache = cache_state(args.cache, inputs)
+    venv_python = (str(mergekit_venv(data, args.mergekit_venv).parent / "python")
+                   if case.tool == "mergekit" else None)
+    cache = cache_state(args.cache, inputs, case.tool, venv_python)
     print(f"[{case.name}] machine {busy:.0%} busy before, {cache}; running ...", flush=True)
     m = run_measured(cmd, log, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     if case.tool == "tadrop" and m["rc"] == 0:
@@ -461,7 +480,9 @@ def resume_test(case: Case, man: dict, args, data: Path, full: Result) -> Result
                               "--memory-budget", args.memory_budget, "--quiet"]
     state = run_dir / ".tadrop"
     inputs = [Path(man["base"])] + [Path(man["tasks"][n]) for n in man["params"]["names"][: case.k]]
-    cache = cache_state(args.cache, inputs)
+    venv_python = (str(mergekit_venv(data, args.mergekit_venv).parent / "python")
+                   if case.tool == "mergekit" else None)
+    cache = cache_state(args.cache, inputs, case.tool, venv_python)
     print(f"[{case.name} resume] {cache}; running until half the merge bytes are recorded ...", flush=True)
     log = logs / f"{case.name}-killed.log"
     t0 = time.perf_counter()

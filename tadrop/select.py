@@ -30,6 +30,9 @@ from .quantile import AbsSelector, NonFiniteError, linear_ranks, numpy_lerp
 METHODS = ("radix", "partition")
 ENV = "TADROP_SELECT"
 _CAL_N = 1 << 21
+_BLOCK = 1 << 17      # passes over the data in cache-sized blocks (no tensor-sized temporaries)
+_PROBE = 2048         # AbsOrder: sample size of the heavy-tie probe
+_PROBE_MIN = 1 << 16  # segments at least this long are probed before a partition
 _lock = threading.Lock()
 _chosen: dict[str, str] = {}
 _timings: dict[str, dict[str, float]] = {}
@@ -40,18 +43,62 @@ class AbsOrder:
 
     Each `value(rank)` partitions only the segment between the nearest ranks already
     placed, so a few ranks cost little more than one.  NaN/Inf raise NonFiniteError.
+
+    Heavy ties: task vectors of bf16 checkpoints hold few distinct values (differences of
+    bf16 numbers; often a third or more exact zeros), and numpy's introselect slows down
+    many-fold when the rank falls inside a long run of equal values.  So before partitioning
+    a large segment, a 2048-element sample guesses the value at the rank; when that value is
+    frequent in the sample, two counting passes (|x| < v, |x| == v) settle the rank without
+    any partition if it lies in v's run.  A guess that misses only costs the counting.
     """
 
-    def __init__(self, x: torch.Tensor):
+    def __init__(self, x: torch.Tensor, on_block=None):
+        """on_block(piece): called with each cache-sized piece of x, in flat order, while it is in
+        cache (a caller's other pass over the same data, e.g. a float64 sum of squares)."""
         x = x.reshape(-1)
         if x.dtype != torch.float32 or x.device.type != "cpu":
             raise ValueError("AbsOrder needs a float32 CPU tensor")
         self.n = x.numel()
-        buf = scratch("sel.abs", self.n, torch.float32, "cpu")
-        self._a = np.abs(x.numpy(), out=buf.numpy())
-        if self.n and not math.isfinite(float(self._a.max())):   # max propagates NaN
-            raise NonFiniteError("non-finite value (NaN or Inf)")
+        a = scratch("sel.abs", self.n, torch.float32, "cpu").numpy()
+        src = x.numpy()
+        for j in range(0, self.n, _BLOCK):     # the max reads each block while it is in cache
+            blk = np.abs(src[j:j + _BLOCK], out=a[j:j + _BLOCK])
+            if not math.isfinite(float(blk.max())):   # max propagates NaN
+                raise NonFiniteError("non-finite value (NaN or Inf)")
+            if on_block is not None:
+                on_block(x[j:j + _BLOCK])
+        self._a = a
         self._placed: list[int] = []          # ranks already in their sorted position
+        self._runs: list[tuple[float, int, int]] = []   # (v, #|x| < v, #|x| == v), counted exactly
+
+    def _run_of(self, rank: int) -> tuple[float, int, int] | None:
+        for run in self._runs:
+            if run[1] <= rank < run[1] + run[2]:
+                return run
+        return None
+
+    def _probe(self, seg: np.ndarray, rel: int) -> None:
+        """Counts the run of the value a sample of `seg` puts at relative rank `rel`, when the
+        sample puts the rank inside that value's run: a heavy tie the partition would
+        crawl through."""
+        m = seg.size
+        smp = np.sort(seg[np.random.default_rng(m).integers(0, m, _PROBE)])
+        at = min(_PROBE - 1, rel * _PROBE // m)
+        v = smp[at]
+        q = rel / m     # the sample puts the rank inside v's run by one standard error
+        margin = math.sqrt(_PROBE * q * (1.0 - q)) + 1
+        first, last = np.searchsorted(smp, v, "left"), np.searchsorted(smp, v, "right")
+        if not (first + margin <= at < last - margin):
+            return
+        a = self._a
+        buf = scratch("sel.eq", min(_BLOCK, self.n), torch.bool, "cpu").numpy()
+        lt = eq = 0
+        for j in range(0, self.n, _BLOCK):
+            blk = a[j:j + _BLOCK]
+            b = buf[:blk.size]
+            lt += int(np.count_nonzero(np.less(blk, v, out=b)))
+            eq += int(np.count_nonzero(np.equal(blk, v, out=b)))
+        self._runs.append((float(v), lt, eq))
 
     def value(self, rank: int) -> float:
         """Exact float32 value of the rank-th (0-based) smallest |x|."""
@@ -61,9 +108,17 @@ class AbsOrder:
         a, placed = self._a, self._placed
         i = bisect.bisect_left(placed, rank)
         if i == len(placed) or placed[i] != rank:
+            run = self._run_of(rank)
+            if run is not None:
+                return run[0]
             lo = placed[i - 1] + 1 if i else 0
             hi = placed[i] if i < len(placed) else self.n
             seg = a[lo:hi]
+            if hi - lo >= _PROBE_MIN and lo < rank < hi - 1:
+                self._probe(seg, rank - lo)
+                run = self._run_of(rank)
+                if run is not None:
+                    return run[0]
             if rank == lo:                    # the segment's minimum: one pass, no partition
                 j = int(seg.argmin())
                 seg[0], seg[j] = seg[j], seg[0]
@@ -78,6 +133,9 @@ class AbsOrder:
     def count_below(self, rank: int) -> int:
         """Number of elements with |x| strictly below the rank-th smallest |x|."""
         v = np.float32(self.value(rank))
+        run = self._run_of(rank)
+        if run is not None and rank not in self._placed:
+            return run[1]
         a, placed = self._a, self._placed
         i = bisect.bisect_left(placed, rank)
         start = 0                              # everything left of a placed rank with a smaller value is < v
@@ -85,9 +143,13 @@ class AbsOrder:
             if a[placed[j]] < v:
                 start = placed[j] + 1
                 break
-        seg = a[start:rank]                    # all <= v; count those equal to v
-        eq = np.equal(seg, v, out=scratch("sel.eq", seg.size, torch.bool, "cpu").numpy())
-        return rank - int(np.count_nonzero(eq))
+        seg = a[start:rank]                    # all <= v; count those equal to v, block by block
+        eq = scratch("sel.eq", min(_BLOCK, seg.size), torch.bool, "cpu").numpy()
+        same = 0
+        for j in range(0, seg.size, _BLOCK):
+            blk = seg[j:j + _BLOCK]
+            same += int(np.count_nonzero(np.equal(blk, v, out=eq[:blk.size])))
+        return rank - same
 
     def quantile(self, p: float) -> float:
         """numpy 'linear' quantile of |x| (as AbsSelector.quantile)."""

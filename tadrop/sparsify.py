@@ -143,6 +143,21 @@ def _count_at_least(c: torch.Tensor, t: float) -> int:
     return int(torch.count_nonzero(a >= t))
 
 
+_FIT_BLOCK = 1 << 17   # block of a whole-tensor pass whose temporaries stay in cache
+
+
+def _sumsq_kept(flat: torch.Tensor, t: float) -> float:
+    """||tau_hat||^2 = sum over |x| >= t of x^2 (float64, chunking-invariant like sumsq64), one
+    pass over `flat` in cache-sized blocks: no tensor-sized temporary, `flat` left as it is."""
+    acc = Sum64(flat.device, "square")
+    step = _FIT_BLOCK if flat.device.type == "cpu" else max(flat.numel(), 1)
+    buf = scratch("phi.f32", min(step, flat.numel()), torch.float32, flat.device)
+    for j in range(0, flat.numel(), step):
+        blk = flat[j:j + step]
+        acc.add(_shrink(blk, t, buf[:blk.numel()]))
+    return acc.value()
+
+
 def _keep_at_least(tau: torch.Tensor, stats: SparsifyStats, out: torch.Tensor) -> torch.Tensor:
     """out = |tau| >= stats.threshold (all when nothing is dropped, none when all is)."""
     flat, o = tau.reshape(-1), out.view(-1)
@@ -290,10 +305,9 @@ class TADrop(Sparsifier):
     def _fit_partition(self, whole, n, global_value, norm_of_kept) -> SparsifyStats:
         """The same fit on a whole CPU tensor by numpy partition (select.py): same bits."""
         flat = _flat(whole)
-        S = sumsq64(flat)
-        if not math.isfinite(S):          # the radix path's histogram would have raised
-            raise NonFiniteError("non-finite value (NaN or Inf)")
-        order = AbsOrder(flat)
+        acc = Sum64(flat.device, "square")
+        order = AbsOrder(flat, on_block=acc.add)   # raises NonFiniteError as the radix histogram would
+        S = acc.value()
         qa = qb = None
         if global_value is None:
             qb, qa = order.quantile(self.b), order.quantile(self.a)   # larger rank first: less to scan
@@ -361,9 +375,7 @@ class TADrop(Sparsifier):
         flat = _flat(tau)
         return self.fit_streamed(lambda: (flat,), flat.numel(), global_value=global_value) \
             if flat.device.type != "cpu" else self._fit(
-                lambda: (flat,), flat.numel(), global_value,
-                lambda t: sumsq64(_shrink(flat, t, scratch("phi.f32", flat.numel(), torch.float32, "cpu"))),
-                whole=flat)
+                lambda: (flat,), flat.numel(), global_value, lambda t: _sumsq_kept(flat, t), whole=flat)
 
     def fit_apply_(self, tau, key, *, global_value=None):
         flat = tau.view(-1)

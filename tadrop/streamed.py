@@ -91,7 +91,8 @@ def plan_tensor(spec: MergeSpec, shape, K: int, budget_bytes: int, *, name: str 
     per = _bytes_per_element(spec, K) + src
     if n * per <= budget_bytes or n == 0:
         return TensorPlan(max(rows, 1), True, n * per + _FIXED_BYTES)
-    fit_bytes = (13 + src) * n if spec.sparsifier.needs_fit else 0   # tau_k + codes + mask + scratch
+    # the whole tau_k + the selection's own copy: |tau| (partition) or codes + a bucket mask (radix)
+    fit_bytes = (9 + src) * n if spec.sparsifier.needs_fit else 0
     fit_whole = spec.sparsifier.needs_fit and fit_bytes <= budget_bytes // 2
     left = budget_bytes - (fit_bytes if fit_whole else 0)
     chunk_rows = min(rows, left // (rn * per))

@@ -106,3 +106,53 @@ def test_auto_choice_is_measured(monkeypatch):
     monkeypatch.setenv(ENV, "sorting")
     with pytest.raises(ValueError):
         whole_method("one")
+
+
+def _tied(n, seed, zeros):
+    """bf16-like task vector: differences of bf16 numbers, a fraction `zeros` exactly zero."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g).bfloat16()
+    tuned = (base.float() + torch.randn(n, generator=g) * 2e-3).bfloat16()
+    tau = tuned.float() - base.float()
+    tau[torch.rand(n, generator=g) < zeros] = 0.0
+    return tau
+
+
+@pytest.mark.parametrize("zeros", [0.0, 0.41, 0.97])
+def test_abs_order_heavy_ties_exact_and_probed(monkeypatch, zeros):
+    """Ranks inside long runs of equal values are settled by the probe's counts (no partition);
+    every value and count still equals sorting, whether the probe hits, misses or is skipped."""
+    import tadrop.select as S
+    x = _tied(300_000, 3, zeros)
+    srt = np.sort(np.abs(x.numpy()))
+    ranks = [0, 1, 1000, 102_000, 123_000, 150_000, 150_001, 284_999, 285_000, 299_999]
+    for probe_min in (1 << 16, 1 << 40):          # probed, and never probed
+        monkeypatch.setattr(S, "_PROBE_MIN", probe_min)
+        o = AbsOrder(x)
+        for r in ranks:
+            assert np.float32(o.value(r)).tobytes() == srt[r].tobytes(), (probe_min, r)
+            assert o.count_below(r) == int(np.count_nonzero(srt < srt[r])), (probe_min, r)
+        for p in (0.5, 0.95, 0.34):
+            assert o.quantile(p) == float(np.quantile(srt, p))
+        if probe_min == 1 << 40:
+            assert not o._runs
+        elif zeros >= 0.41:                        # rank 102_000 lies inside the run of zeros
+            assert any(v == 0.0 for v, _, _ in o._runs)
+
+
+@given(st.integers(0, 10**6), st.floats(0, 0.9), st.lists(st.floats(0, 1), min_size=1, max_size=8))
+@SETTINGS
+def test_abs_order_probe_matches_sorting(seed, zeros, fracs):
+    import tadrop.select as S
+    x = _tied(5000, seed, zeros)
+    srt = np.sort(np.abs(x.numpy()))
+    old = S._PROBE_MIN
+    S._PROBE_MIN = 64                               # probe every segment worth partitioning
+    try:
+        o = AbsOrder(x)
+        for f in fracs:
+            r = min(len(srt) - 1, int(f * len(srt)))
+            assert np.float32(o.value(r)).tobytes() == srt[r].tobytes()
+            assert o.count_below(r) == int(np.count_nonzero(srt < srt[r]))
+    finally:
+        S._PROBE_MIN = old
