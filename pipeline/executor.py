@@ -39,6 +39,9 @@ class Executor(ABC):
 
     # set by the driver: a one-line description of what the executor is doing (e.g. starting workers)
     on_status: Callable[[str], None] | None = None
+    # its workers write on this machine's file systems, so the driver can fsync their outputs itself
+    # (RunContext.sync_in_driver) while they go on computing
+    driver_syncs: bool = False
 
     def status(self, text: str) -> None:
         if self.on_status is not None:
@@ -221,6 +224,8 @@ class LocalExecutor(Executor):
     Workers are spawned (fresh interpreters: no inherited threads or locks) once per run and live
     until `close()`, across the phases of a run (they share one context).
     """
+
+    driver_syncs = True
 
     def __init__(self, workers: int = 2, window: int | None = None):
         if workers < 1:

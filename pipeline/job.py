@@ -7,6 +7,7 @@ simply run again on resume.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from .globalstats import (EXTRA_FILE, MAJORITY_FILE, SELECTED_FILE, VALUES_FILE,
                           load_ranks, load_selectors, load_values, save_selectors)
 from .sources import RowSource as _Source
 from .storage import add_counts, mask_counts
-from .writers import MaskStore, ShardPlan, ShardWriter
+from .writers import MaskStore, ShardPlan, ShardWriter, sync_mask_chunks
 
 TORCH_DTYPES = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -89,6 +90,9 @@ class RunContext:
     model_scope: bool = False              # merge jobs read per-task values from global/values.npz
     clamp_overflow: bool = False           # float16 output: clamp (with a warning) instead of failing
     vocab: object = None                   # sources.vocab.Vocab when the vocabulary is extended
+    # The driver fsyncs each job's outputs before the ledger records it (workers on this machine):
+    # a worker then goes on to its next job instead of waiting for the disk (`make_durable`).
+    sync_in_driver: bool = False
 
     @property
     def merged_dir(self) -> Path:
@@ -168,6 +172,8 @@ class JobRunner:
         self.merged_writer = ShardWriter(ctx.merged_plan, ctx.merged_dir) if ctx.merged_plan else None
         self.unified_writer = ShardWriter(ctx.unified_plan, ctx.unified_dir) if ctx.unified_plan else None
         self.mask_store = MaskStore.open(ctx.masks_path) if ctx.write_masks else None
+        if self.mask_store is not None:
+            self.mask_store.defer_sync = ctx.sync_in_driver
         self._sel: list[AbsSelector] | None = None
         self._values: list[float] | None = None
         self.warnings: list[str] = []
@@ -301,5 +307,39 @@ class JobRunner:
     def _sync(self) -> None:
         for w in (self.merged_writer, self.unified_writer):
             if w is not None:
-                w.sync()
+                if self.ctx.sync_in_driver:
+                    w.forget_dirty()        # make_durable fsyncs them in the driver
+                else:
+                    w.sync()
+
+
+class Durability:
+    """Driver side of `sync_in_driver`: fsyncs what a job wrote (its shard files' byte ranges are
+    named by its checksums, its mask chunks too) before the ledger records the job.  One fsync of a
+    shard file covers every job written into it so far, so a file synced since the job's result
+    arrived is not synced again."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self._fds: dict[Path, int] = {}
+
+    def __call__(self, result: dict) -> None:
+        sums = result.get("checksums") if isinstance(result, dict) else None
+        if not sums:
+            return
+        for kind, directory in (("merged", self.ctx.merged_dir), ("unified", self.ctx.unified_dir)):
+            if kind in sums:
+                path = directory / sums[kind][0]
+                fd = self._fds.get(path)
+                if fd is None:
+                    fd = self._fds[path] = os.open(path, os.O_RDONLY)
+                os.fsync(fd)
+        masks = sums.get("masks")
+        if masks:
+            sync_mask_chunks(self.ctx.masks_path, masks["array"], masks["chunks"])
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
 

@@ -6,6 +6,7 @@ then sets `"complete": true`. Re-running the same command therefore continues wh
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -28,7 +29,7 @@ from .executor import Executor, LocalExecutor, WorkerLost, local_executor
 from .faults import crash_point
 from .globalstats import (EXTRA_FILE, MAJORITY_FILE, SELECTED_FILE, VALUES_FILE, merge_selector_files,
                           save_majority, save_ranks, save_selectors, save_values)
-from .job import Job, RunContext
+from .job import Durability, Job, RunContext
 from .ledger import Ledger
 from .plan import Plan, describe, make_plan, mask_chunk_rows
 from .progress import Progress
@@ -278,6 +279,8 @@ def _merge_locked(cfg: MergeConfig, plan: Plan, base: Checkpoint, models: list[C
         left = max((sum(1 for j in jobs if j.id not in done) for jobs in plan.jobs.values()), default=0)
         total = max((len(jobs) for jobs in plan.jobs.values()), default=0)
         executor = make_executor(cap_workers(cfg, left, total), sum(j.nbytes for j in plan.all_jobs))
+    if executor.driver_syncs:
+        ctx = dataclasses.replace(ctx, sync_in_driver=True)
     progress = Progress(plan.all_jobs, done, disable=quiet)
     executor.on_status = progress.note
     try:
@@ -361,15 +364,23 @@ def _run_phase(executor: Executor, ctx: RunContext, jobs: list[Job], ledger: Led
     if not todo:
         return
 
+    durable = Durability(ctx) if ctx.sync_in_driver else None
+
     def on_result(job: Job, result: dict) -> None:
         for w in result.get("warnings", ()) if isinstance(result, dict) else ():
             log.warning(w)
+        if durable is not None:       # the job's outputs reach the disk before the ledger names it
+            durable(result)
         ledger.record(job.id, result)
         done[job.id] = result
         progress.advance(job)
         crash_point("after_job")
 
-    executor.run(ctx, todo, on_result)
+    try:
+        executor.run(ctx, todo, on_result)
+    finally:
+        if durable is not None:
+            durable.close()
 
 
 def _model_scope_phases(plan: Plan, ctx: RunContext, executor: Executor, ledger: Ledger, done: dict,

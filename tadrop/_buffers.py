@@ -171,6 +171,75 @@ class Sum64:
         return math.fsum(flat)
 
 
+class Sum64Rows:
+    """K Sum64 streams ('sum' or 'abs') fed in lockstep with [K, m] pieces, one per row (EMR's
+    per-task sums): the same blocks and the same bits as K separate Sum64, with one conversion and
+    one block reduction per piece instead of K of each."""
+
+    def __init__(self, K: int, device="cpu", op: str = "sum"):
+        if op not in ("sum", "abs"):
+            raise ValueError(f"Sum64Rows op {op!r}")
+        self.K, self.device, self.op = K, torch.device(device), op
+        self._tail = torch.zeros(K, SUM_BLOCK, dtype=torch.float64, device=self.device)
+        self._fill = 0
+        self._parts: list[list] = [[] for _ in range(K)]
+
+    def _prep(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        dst.copy_(src)
+        if self.op == "abs":
+            dst.abs_()
+
+    def _keep(self, sums: torch.Tensor) -> None:       # [K, nb] block sums
+        if sums.device.type == "cpu":
+            for part, row in zip(self._parts, sums.tolist()):
+                part.extend(row)
+        else:
+            for part, row in zip(self._parts, sums):
+                part.append(row)
+
+    def add(self, x: torch.Tensor) -> None:
+        """Feeds the next [K, m] piece (row k continues stream k)."""
+        K, n = x.shape
+        i, B = 0, SUM_BLOCK
+        if self._fill:
+            take = min(B - self._fill, n)
+            self._prep(self._tail[:, self._fill:self._fill + take], x[:, :take])
+            self._fill += take
+            i = take
+            if self._fill == B:
+                self._keep(_block_sums(self._tail).view(K, 1))
+                self._tail.zero_()
+                self._fill = 0
+        nfull = (n - i) // B
+        if nfull:
+            batch = max(1, min(nfull, _SUM_BATCH // max(K, 1)))
+            buf = scratch("sum64r.buf", K * batch * B, torch.float64, self.device)
+            for j in range(0, nfull, batch):
+                nb = min(batch, nfull - j)
+                a, b = i + j * B, i + (j + nb) * B
+                blk = buf[: K * nb * B].view(K, nb, B)
+                self._prep(blk, x[:, a:b].view(K, nb, B))
+                self._keep(_block_sums(blk.view(K * nb, B)).view(K, nb))
+            i += nfull * B
+        if i < n:
+            self._prep(self._tail[:, : n - i], x[:, i:])
+            self._fill = n - i
+
+    def value(self, k: int) -> float:
+        parts = list(self._parts[k])
+        if self._fill:
+            t = self._tail[k].clone()
+            t[self._fill:] = 0
+            parts.append(_block_sums(t.view(1, -1)))
+        flat: list[float] = []
+        for p in parts:
+            if isinstance(p, torch.Tensor):
+                flat.extend(p.reshape(-1).tolist())
+            else:
+                flat.append(p)
+        return math.fsum(flat)
+
+
 def sumsq64(x: torch.Tensor) -> float:
     """sum(x**2) in float64, chunking-invariant (see Sum64)."""
     s = Sum64(x.device, "square")

@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ._buffers import Sum64, f64_inplace, scratch, sum_tasks64
+from ._buffers import Sum64, Sum64Rows, f64_inplace, scratch, sum_tasks64
 
 
 def _flat_tasks(taus: torch.Tensor) -> torch.Tensor:
@@ -154,16 +154,17 @@ class EMRPartials:
 
 
 class EMRSums:
-    """Running rescaler sums of one tensor, fed chunk by chunk in flat order (Sum64:
-    the totals do not depend on the chunking)."""
+    """Running rescaler sums of one tensor, fed chunk by chunk in flat order (Sum64Rows, one
+    stream per task: the totals do not depend on the chunking)."""
 
     def __init__(self, K: int, device):
-        self.abs_tau = [Sum64(device, "abs") for _ in range(K)]
-        self.abs_uni = [Sum64(device, "sum") for _ in range(K)]   # fed M_k |tau_uni|, exact in float32
+        self.K = K
+        self.abs_tau = Sum64Rows(K, device, "abs")
+        self.abs_uni = Sum64Rows(K, device, "sum")   # fed M_k |tau_uni|, exact in float32
 
     def partials(self, numel: int) -> EMRPartials:
-        return EMRPartials(tuple(s.value() for s in self.abs_tau),
-                           tuple(s.value() for s in self.abs_uni), numel)
+        return EMRPartials(tuple(self.abs_tau.value(k) for k in range(self.K)),
+                           tuple(self.abs_uni.value(k) for k in range(self.K)), numel)
 
 
 def emr(taus, *, out_uni=None, out_masks=None, sums: EMRSums | None = None,
@@ -200,12 +201,12 @@ def emr(taus, *, out_uni=None, out_masks=None, sums: EMRSums | None = None,
     torch.mul(abs_uni, flag, out=tau_uni.view(-1))
     acc = sums if sums is not None else EMRSums(K, t2.device)
     m2 = masks.view(K, m)
-    masked = scratch("m.masked", m, torch.float32, t2.device)
-    for k in range(K):
-        acc.abs_tau[k].add(t2[k])                       # sum |tau'_k|
-        # sum M_k |tau_uni|: the product by 0/1 is exact in float32, so this equals the float64
-        # product summed before, bit for bit, one float64 pass cheaper
-        acc.abs_uni[k].add(torch.mul(abs_uni, m2[k], out=masked))
+    acc.abs_tau.add(t2)                                    # sum |tau'_k|
+    # sum M_k |tau_uni|: the product by 0/1 is exact in float32, so this equals the float64 product
+    # summed before, bit for bit, one float64 pass cheaper (the masks as 0.0/1.0 first: a float
+    # times bool product takes a slow mixed-dtype path)
+    masked = scratch("m.masked", K * m, torch.float32, t2.device).view(K, m)
+    acc.abs_uni.add(masked.copy_(m2).mul_(abs_uni))
     if sums is not None:
         return EMRChunk(tau_uni, masks, None, None)
     p = acc.partials(m)

@@ -34,7 +34,9 @@ from .sparsify import ChunkKey, Sparsifier, SparsifyStats, TADrop, TopK
 from .spec import (METHODS, MemorySink, MemorySource, MergeSpec, TensorSink,  # noqa: F401 (re-exported)
                    TensorSource, _geometry, _rows_shape)
 
-_FIXED_BYTES = 1 << 20   # histograms, one DARE block, float64 tails: not proportional to the tensor
+# histograms, one DARE block, float64 tails and batches (EMR's per-task sums: up to 2 MiB): not
+# proportional to the tensor
+_FIXED_BYTES = 4 << 20
 # Elementwise work (decode, tau, Phi's apply, weights, the combine) runs over blocks of this many
 # elements of the flat chunk, so that a block's K task rows and the method's temporaries stay in
 # the CPU's caches between the ~20 operations instead of each operation streaming the whole chunk
@@ -63,7 +65,7 @@ def _bytes_per_element(spec: MergeSpec, K: int) -> int:
     per = {
         "task_arithmetic": 4 * K + 24,
         "ties": 8 * K + 40,
-        "emr": 8 * K + K + 32,
+        "emr": 12 * K + K + 32,
         "tall_masks": 4 * K + K + 40 + inner,
         "consensus": 4 * K + K + 44 + inner,
     }[spec.method]
@@ -80,7 +82,7 @@ def plan_tensor(spec: MergeSpec, shape, K: int, budget_bytes: int, *, name: str 
 
     Everything in one chunk when it fits (single read); else the fit runs on the
     whole tau_k when that needs at most half the budget, streamed otherwise.
-    The budget bounds what grows with the tensor; a fixed ~1 MiB (histograms,
+    The budget bounds what grows with the tensor; a fixed ~4 MiB (histograms,
     one DARE block, float64 block tails) comes on top and is in `est_bytes`.
     `source_bytes_per_element`: what the source holds per element of the piece being read
     (e.g. mapped input pages, which count in a process's RSS), charged to the budget too.

@@ -178,7 +178,7 @@ def test_plan_tensor():
     p = plan_tensor(spec, (4096, 11008), 8, 64 << 30)
     assert p.chunk_rows == 4096 and p.fit_whole
     p = plan_tensor(spec, (4096, 11008), 8, 1 << 30)
-    assert 1 <= p.chunk_rows < 4096 and p.est_bytes <= (1 << 30) + (1 << 20)
+    assert 1 <= p.chunk_rows < 4096 and p.est_bytes <= (1 << 30) + streamed_fixed_bytes()
     p = plan_tensor(spec, (4096, 11008), 8, 64 << 20)
     assert not p.fit_whole and p.chunk_rows >= 1
     with pytest.raises(ValueError, match="lm_head.weight"):
@@ -292,3 +292,10 @@ def test_cache_blocks_never_change_a_bit(monkeypatch, method, kw, chunk_rows):
             assert a.grid.keys() == b.grid.keys() == {0, 1}
             assert all(torch.equal(a.grid[i], b.grid[i]) for i in a.grid), block
         assert ra.to_dict() == rb.to_dict(), block
+
+
+def streamed_fixed_bytes() -> int:
+    """What plan_tensor adds on top of the budget (histograms, float64 batches), at most 4 MiB."""
+    from tadrop.streamed import _FIXED_BYTES
+    assert _FIXED_BYTES <= 4 << 20
+    return _FIXED_BYTES
