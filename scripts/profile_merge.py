@@ -34,12 +34,14 @@ import bench_merge as bm  # noqa: E402
 # (category, frame substrings); a sample goes to the first category, scanning from the innermost frame out
 CATEGORIES = [
     ("fsync (outputs durable before the ledger records a job)",
-     ["ShardWriter.sync (", "_sync_chunks (", "_sync_metadata (", "fsync_dir (", "Ledger.record ("]),
+     ["ShardWriter.sync (", "_sync_chunks (", "_sync_metadata (", "fsync_dir (", "Ledger.record (",
+      "Durability.__call__ (", "sync_mask_chunks ("]),
     ("pwrite of output rows", ["_pwrite_all ("]),
     ("output cast to the output dtype", ["_Sink._write ("]),
     ("masks: bit-pack + zstd + zarr write", ["MaskStore.write (", "zarr/", "numcodecs/"]),
     ("selection (radix histograms / numpy partition)", ["AbsSelector.", "AbsOrder.", "_sparse_hist ("]),
-    ("float64 sums (norms, EMR rescaler sums)", ["Sum64.", "sumsq64 ("]),
+    ("float64 sums (norms, EMR rescaler sums, sums over the K tasks)", ["Sum64.", "Sum64Rows.", "sumsq64 (", "sum_tasks64 (",
+                                                 "f64_inplace ("]),
     ("sparsifier apply (drop, rescale)", ["_shrink (", "TADrop.apply (", "TopK.apply (", "TADrop.fit_apply_ (",
                                           "Sparsifier.fit_apply_ ("]),
     ("decode inputs: bf16 -> f32, tau = theta_k - theta_0 (incl. mmap page faults)",

@@ -227,8 +227,10 @@ class AbsSelector:
             lut = self._lut[x.device] = lut.to(x.device)
         mask = scratch("sel.mask", x.numel(), torch.bool, x.device)
         torch.index_select(lut, 0, codes, out=mask)
-        # nonzero + gather beats boolean indexing here (it skips a second pass over the mask)
-        sel = x.view(torch.int32).index_select(0, torch.nonzero(mask).squeeze(1))
+        if x.device.type == "cpu":   # numpy's compress: 2-6x faster than torch's nonzero + gather here
+            sel = torch.from_numpy(np.compress(mask.numpy(), x.view(torch.int32).numpy()))
+        else:                         # nonzero + gather beats boolean indexing (one pass over the mask)
+            sel = x.view(torch.int32).index_select(0, torch.nonzero(mask).squeeze(1))
         if sel.numel():
             self._lo_pieces.append(self._sparse_hist(sel.bitwise_and_(0x7FFFFFFF)))
             self._lo = None
