@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import shlex
 import shutil
 import sys
 import time
@@ -63,52 +62,6 @@ def make_adapters(base: Path, out: Path, k: int, seed: int) -> dict[str, Path]:
     return paths
 
 
-def _read_bytes(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/io") as f:
-            for line in f:
-                if line.startswith("read_bytes:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-def run_io_measured(cmd: list[str], log: Path, interval=0.05) -> dict:
-    """Wall time, peak RSS / anon summed over the tree, and bytes it read from storage."""
-    import subprocess
-    peak_rss = peak_anon = 0
-    io: dict[int, int] = {}
-    cpu: dict[int, float] = {}
-    busy0 = bm._busy_cpu_s()
-    with open(log, "w") as lf:
-        lf.write("$ " + shlex.join(cmd) + "\n")
-        lf.flush()
-        t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, cwd=bm.REPO, start_new_session=True,
-                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        n, pids = 0, [p.pid]
-        while p.poll() is None:
-            if n % 4 == 0:
-                pids = bm._tree(p.pid)
-            mems = [m for m in map(bm._rss, pids) if m]
-            peak_rss = max(peak_rss, sum(m[0] for m in mems))
-            peak_anon = max(peak_anon, sum(m[1] for m in mems))
-            for pid in pids:
-                b, c = _read_bytes(pid), bm._cpu_s(pid)
-                if b is not None:
-                    io[pid] = max(io.get(pid, 0), b)
-                if c is not None:
-                    cpu[pid] = c
-            n += 1
-            time.sleep(interval)
-        wall = time.perf_counter() - t0
-    tree_cpu = sum(cpu.values())
-    others = max(0.0, bm._busy_cpu_s() - busy0 - tree_cpu)
-    return {"rc": p.returncode, "wall_s": wall, "rss": peak_rss, "anon": peak_anon, "read_bytes": sum(io.values()),
-            "tree_cpu_s": tree_cpu, "others_cpu_share": others / (wall * (os.cpu_count() or 1))}
-
-
 def _dir_bytes(d: Path, pattern: str) -> int:
     return sum(f.stat().st_size for f in d.glob(pattern))
 
@@ -130,9 +83,16 @@ def main(args) -> int:
     cmd = bm.tadrop_cmd(args) + ["merge", str(cfg), "--workers", str(args.workers),
                                  "--memory-budget", args.memory_budget, "--quiet"]
     busy = bm.wait_idle(args.wait_idle) if args.wait_idle > 0 else -1.0
-    cache = "cold (page cache dropped)" if bm.drop_caches() else "warm (could not drop the page cache)"
+    if bm.drop_caches():
+        bm.load_software("tadrop")      # inputs cold, the tool's own code (torch: ~0.4 GB) warm
+        cache = "cold (page cache dropped, then the tool's code loaded: inputs cold, software warm)"
+    else:
+        cache = "warm (could not drop the page cache)"
     print(f"[lora16] machine {busy:.0%} busy before, {cache}; running ...", flush=True)
-    m = run_io_measured(cmd, log)
+    # bm.run_measured counts reads as bench_merge does: this process's own /proc/self/io delta, which the
+    # kernel credits with every reaped child's I/O. (Summing each live process's counter, as this script
+    # did, counted the workers twice: the driver's counter takes in its workers' reads when it reaps them.)
+    m = bm.run_measured(cmd, log, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     inputs = _dir_bytes(base, "*.safetensors") + sum(_dir_bytes(p, "*.safetensors") for p in adapters.values())
     full = next((r for r in json.loads((args.out / "merge.json").read_text())["results"]
                  if r["case"] == "tadrop-emr_tadrop-k16"), None)
@@ -167,8 +127,10 @@ def main(args) -> int:
           f"{row['peak_anon_gib']} | {rss_target} | {yes(row['meets_rss'])} | {row['tree_cpu_s']} | "
           f"{row['others_cpu_share']:.0%} |", "",
           f"The full fine-tune figures are from {meta['full_k16_from']}: the same method on 16 full "
-          "1.08 GB fine-tunes. Bytes read: the sum over the merge's process tree of /proc/PID/io "
-          "read_bytes (storage reads, mmap page faults included) after the page cache was dropped. "
+          "1.08 GB fine-tunes. Bytes read: what the merge's process tree read from storage "
+          "(/proc/self/io read_bytes, mmap page faults included) after the page cache was dropped, "
+          "read as this benchmark's own counter, which the kernel credits with its reaped children's I/O "
+          "(the previous round summed every process's counter and so counted the workers' reads twice). "
           "Others' CPU: the share of the machine's cores other people's jobs used meanwhile (a shared "
           "2-core machine): wall times under contention are upper bounds.", "",
           f"Command: `python3 scripts/bench_merge.py --adapters`"]
