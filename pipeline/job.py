@@ -91,7 +91,7 @@ class RunContext:
     clamp_overflow: bool = False           # float16 output: clamp (with a warning) instead of failing
     vocab: object = None                   # sources.vocab.Vocab when the vocabulary is extended
     # The driver fsyncs each job's outputs before the ledger records it (workers on this machine):
-    # a worker then goes on to its next job instead of waiting for the disk (`make_durable`).
+    # a worker then goes on to its next job instead of waiting for the disk (`Durability`).
     sync_in_driver: bool = False
 
     @property
@@ -308,16 +308,16 @@ class JobRunner:
         for w in (self.merged_writer, self.unified_writer):
             if w is not None:
                 if self.ctx.sync_in_driver:
-                    w.forget_dirty()        # make_durable fsyncs them in the driver
+                    w.forget_dirty()        # Durability fsyncs them in the driver
                 else:
                     w.sync()
 
 
 class Durability:
     """Driver side of `sync_in_driver`: fsyncs what a job wrote (its shard files' byte ranges are
-    named by its checksums, its mask chunks too) before the ledger records the job.  One fsync of a
-    shard file covers every job written into it so far, so a file synced since the job's result
-    arrived is not synced again."""
+    named by its checksums, its mask chunks too) before the ledger records the job.  The shard files
+    stay open here across jobs; each result's fsync also covers whatever other jobs have written
+    into the same file meanwhile (harmless: it only makes more bytes durable)."""
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx

@@ -64,6 +64,7 @@ def scratch_bytes() -> int:
     return sum(b.numel() * b.element_size() for b, _ in _pool().values())
 
 
+CACHE_BLOCK = 1 << 17       # elementwise passes over large tensors go in blocks this long (cache-resident)
 SUM_BLOCK = 1 << 12          # float64 sums: fixed blocks of the flat index
 _SUM_BATCH = 64              # blocks converted to float64 at a time
 

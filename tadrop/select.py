@@ -24,13 +24,13 @@ import time
 import numpy as np
 import torch
 
-from ._buffers import scratch
+from ._buffers import CACHE_BLOCK, scratch
 from .quantile import AbsSelector, NonFiniteError, linear_ranks, numpy_lerp
 
 METHODS = ("radix", "partition")
 ENV = "TADROP_SELECT"
 _CAL_N = 1 << 21
-_BLOCK = 1 << 17      # passes over the data in cache-sized blocks (no tensor-sized temporaries)
+_BLOCK = CACHE_BLOCK  # passes over the data in cache-sized blocks (no tensor-sized temporaries)
 _PROBE = 2048         # AbsOrder: sample size of the heavy-tie probe
 _PROBE_MIN = 1 << 16  # segments at least this long are probed before a partition
 _lock = threading.Lock()

@@ -21,7 +21,7 @@ from typing import Callable, ClassVar, Iterable
 
 import torch
 
-from ._buffers import Sum64, scratch, sumsq64
+from ._buffers import CACHE_BLOCK, Sum64, scratch, sumsq64
 from .quantile import AbsSelector, NonFiniteError, prev_float32
 from .select import AbsOrder, whole_method
 
@@ -143,14 +143,13 @@ def _count_at_least(c: torch.Tensor, t: float) -> int:
     return int(torch.count_nonzero(a >= t))
 
 
-_FIT_BLOCK = 1 << 17   # block of a whole-tensor pass whose temporaries stay in cache
 
 
 def _sumsq_kept(flat: torch.Tensor, t: float) -> float:
     """||tau_hat||^2 = sum over |x| >= t of x^2 (float64, chunking-invariant like sumsq64), one
     pass over `flat` in cache-sized blocks: no tensor-sized temporary, `flat` left as it is."""
     acc = Sum64(flat.device, "square")
-    step = _FIT_BLOCK if flat.device.type == "cpu" else max(flat.numel(), 1)
+    step = CACHE_BLOCK if flat.device.type == "cpu" else max(flat.numel(), 1)
     buf = scratch("phi.f32", min(step, flat.numel()), torch.float32, flat.device)
     for j in range(0, flat.numel(), step):
         blk = flat[j:j + step]

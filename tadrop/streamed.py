@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 
 from . import methods as M
-from ._buffers import begin_scratch_generation, scratch
+from ._buffers import CACHE_BLOCK, begin_scratch_generation, scratch
 from .quantile import AbsSelector, NonFiniteError
 from .sparsify import ChunkKey, Sparsifier, SparsifyStats, TADrop, TopK
 from .spec import (METHODS, MemorySink, MemorySource, MergeSpec, TensorSink,  # noqa: F401 (re-exported)
@@ -43,7 +43,7 @@ _FIXED_BYTES = 4 << 20
 # through memory (memory bandwidth, shared by the workers, is what a whole-chunk pass costs).
 # Every elementwise result depends on its element alone and the float64 sums are chunking-invariant,
 # so the block size never changes a bit.
-ENGINE_BLOCK = 1 << 17
+ENGINE_BLOCK = CACHE_BLOCK
 
 
 def _blocks(m: int, device) -> list[tuple[int, int]]:
