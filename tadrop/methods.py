@@ -14,6 +14,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from . import _bools as B
 from ._buffers import Sum64, Sum64Rows, f64_inplace, scratch, sum_tasks64
 
 
@@ -52,8 +53,8 @@ def task_sum(taus, *, out=None) -> torch.Tensor:
 
 def _sign32(S: torch.Tensor, name: str, strict: bool) -> torch.Tensor:
     """float32 +-1: +1 where S > 0 (strict) or S >= 0, else -1."""
-    b = (torch.gt if strict else torch.ge)(S, 0, out=scratch("m.bool", S.numel(), torch.bool, S.device))
-    return scratch(name, S.numel(), torch.float32, S.device).copy_(b).mul_(2).sub_(1)
+    b = B.compare(S, "gt" if strict else "ge", 0, scratch("m.bool", S.numel(), torch.bool, S.device))
+    return B.as_float(b, scratch(name, S.numel(), torch.float32, S.device)).mul_(2).sub_(1)
 
 
 def _ties_mean64(t2: torch.Tensor) -> torch.Tensor:
@@ -101,7 +102,8 @@ def ties_official_sign_sum(taus, keep) -> int:
     """sum over the chunk's entries of sign(sum_k tau'_k keep_k): this chunk's share of the
     model-wide majority sign that `ties_official_vector` gives entries whose sum is zero."""
     S = _sum64(_official_trimmed(taus, keep))
-    return int(torch.count_nonzero(S > 0)) - int(torch.count_nonzero(S < 0))
+    b = scratch("m.bool", S.numel(), torch.bool, S.device)
+    return B.count(B.compare(S, "gt", 0, b)) - B.count(B.compare(S, "lt", 0, b))
 
 
 def ties_official_vector(taus, keep, majority: float, *, out=None) -> torch.Tensor:
@@ -117,11 +119,11 @@ def ties_official_vector(taus, keep, majority: float, *, out=None) -> torch.Tens
     t2 = _official_trimmed(taus, keep)
     K, m = t2.shape
     s = _official_sign(_sum64(t2), majority)
-    sel = scratch("m.bool2", K * m, torch.bool, t2.device).view(K, m)
-    pos = torch.gt(t2, 0, out=scratch("m.bool3", K * m, torch.bool, t2.device).view(K, m))
-    torch.lt(t2, 0, out=sel)
-    sel.copy_(torch.where(s > 0, pos, sel))
-    t2.mul_(sel)
+    sel = B.compare(t2, "lt", 0, scratch("m.bool2", K * m, torch.bool, t2.device).view(K, m))
+    pos = B.compare(t2, "gt", 0, scratch("m.bool3", K * m, torch.bool, t2.device).view(K, m))
+    up = B.compare(s, "gt", 0, scratch("m.bool", m, torch.bool, t2.device))
+    B.select(up, pos, sel)                                  # sel = pos where s > 0, else t2 < 0
+    t2.mul_(B.as_float(sel, scratch("m.prod", K * m, torch.float32, t2.device).view(K, m)))
     total = sum_tasks64(t2, scratch("m.num64", m, torch.float64, t2.device))
     out = _out(out, taus.shape[1:], torch.float32, taus.device)
     out.reshape(-1).copy_(total)
@@ -183,10 +185,12 @@ def emr(taus, *, out_uni=None, out_masks=None, sums: EMRSums | None = None,
     flag = _sign32(_sum64(t2), "m.sign", strict=True)      # a zero sum gives -1, as official
     prod = torch.mul(t2, flag, out=scratch("m.prod", K * m, torch.float32, t2.device).view(K, m))
     masks = _out(out_masks, taus.shape, torch.bool, taus.device)
-    torch.gt(prod, 0, out=masks.view(K, m))                # prod = |tau'_k| where M_k, < 0 elsewhere
+    m2 = B.compare(prod, "gt", 0, masks.view(K, m))        # prod = |tau'_k| where M_k, < 0 elsewhere
+    # the masks as 0.0/1.0 (a float times bool product takes a slow mixed-dtype path)
+    masked = B.as_float(m2, scratch("m.masked", K * m, torch.float32, t2.device).view(K, m))
     if keep is not None:
-        masks.view(K, m).logical_and_(keep.reshape(K, m))
-        prod.mul_(masks.view(K, m))                        # |tau_k| where M_k, <= 0 elsewhere
+        B.and_(m2, keep.reshape(K, m))
+        prod.mul_(B.as_float(m2, masked))                  # |tau_k| where M_k, <= 0 elsewhere
     abs_uni = scratch("m.absuni", m, torch.float32, t2.device)
     if K:
         abs_uni.copy_(prod[0])
@@ -200,13 +204,10 @@ def emr(taus, *, out_uni=None, out_masks=None, sums: EMRSums | None = None,
     tau_uni = _out(out_uni, taus.shape[1:], torch.float32, taus.device)
     torch.mul(abs_uni, flag, out=tau_uni.view(-1))
     acc = sums if sums is not None else EMRSums(K, t2.device)
-    m2 = masks.view(K, m)
     acc.abs_tau.add(t2)                                    # sum |tau'_k|
     # sum M_k |tau_uni|: the product by 0/1 is exact in float32, so this equals the float64 product
-    # summed before, bit for bit, one float64 pass cheaper (the masks as 0.0/1.0 first: a float
-    # times bool product takes a slow mixed-dtype path)
-    masked = scratch("m.masked", K * m, torch.float32, t2.device).view(K, m)
-    acc.abs_uni.add(masked.copy_(m2).mul_(abs_uni))
+    # summed before, bit for bit, one float64 pass cheaper
+    acc.abs_uni.add(masked.mul_(abs_uni))
     if sums is not None:
         return EMRChunk(tau_uni, masks, None, None)
     p = acc.partials(m)
@@ -262,7 +263,7 @@ def tall_masks(taus, tau_mtl, lambdas: Sequence[float], *, out=None) -> torch.Te
     mag = scratch("m.mag", m, torch.float32, mtl.device)
     for k in range(K):
         torch.sub(mtl, t2[k], out=diff).abs_().mul_(float(lambdas[k]))
-        torch.gt(torch.abs(t2[k], out=mag), diff, out=o2[k])
+        B.compare(torch.abs(t2[k], out=mag), "gt", diff, o2[k])
     return out
 
 

@@ -21,7 +21,8 @@ from typing import Callable, ClassVar, Iterable
 
 import torch
 
-from ._buffers import CACHE_BLOCK, Sum64, scratch, sumsq64
+from . import _bools as B
+from ._buffers import CACHE_BLOCK, Sum64, scratch, sumsq64, sumsq64_pair
 from .quantile import AbsSelector, NonFiniteError, prev_float32
 from .select import AbsOrder, whole_method
 
@@ -140,7 +141,7 @@ def _count_at_least(c: torch.Tensor, t: float) -> int:
     if t <= 0:
         return c.numel()
     a = torch.abs(c, out=scratch("phi.f32", c.numel(), torch.float32, c.device))
-    return int(torch.count_nonzero(a >= t))
+    return B.count(B.compare(a, "ge", t, scratch("phi.bool", c.numel(), torch.bool, c.device)))
 
 
 
@@ -164,8 +165,8 @@ def _keep_at_least(tau: torch.Tensor, stats: SparsifyStats, out: torch.Tensor) -
         return o.zero_().view(out.shape)
     if stats.kept == stats.numel or not stats.threshold > 0:
         return o.fill_(True).view(out.shape)
-    torch.ge(torch.abs(flat, out=scratch("phi.f32", flat.numel(), torch.float32, flat.device)),
-             stats.threshold, out=o)
+    B.compare(torch.abs(flat, out=scratch("phi.f32", flat.numel(), torch.float32, flat.device)),
+              "ge", stats.threshold, o)
     return out
 
 
@@ -274,12 +275,14 @@ class TADrop(Sparsifier):
         return ranks if first - ranks[0] <= max(1 << 16, n >> 5) else []
 
     def _fit(self, chunks: Chunks, n: int, global_value, norm_of_kept,
-             whole: torch.Tensor | None = None) -> SparsifyStats:
+             whole: torch.Tensor | None = None, pair: bool = False) -> SparsifyStats:
+        """pair (whole CPU tensors, norm_of_kept leaving the data as it is): the partition path
+        may take both norms from one pass after the threshold (`_fit_partition`)."""
         if self.scope == "global_threshold" and global_value is not None:
             return self._fit_threshold(chunks, n, global_value, norm_of_kept)
         if whole is not None and n and whole_method(
                 "tadrop" if global_value is None else "one", whole.device) == "partition":
-            return self._fit_partition(whole, n, global_value, norm_of_kept)
+            return self._fit_partition(whole, n, global_value, None if pair else norm_of_kept)
         sel, acc = AbsSelector(), None
         for c in chunks():
             c = _flat(c)
@@ -302,11 +305,18 @@ class TADrop(Sparsifier):
         return self._finish(n, S, qa, qb, d, lambda k: _threshold(sel, chunks, k), norm_of_kept)
 
     def _fit_partition(self, whole, n, global_value, norm_of_kept) -> SparsifyStats:
-        """The same fit on a whole CPU tensor by numpy partition (select.py): same bits."""
+        """The same fit on a whole CPU tensor by numpy partition (select.py): same bits.
+        norm_of_kept None: ||tau||^2 and ||tau_hat||^2 come from one pass once the threshold is
+        known (`sumsq64_pair`), else ||tau||^2 is summed while |tau| is stored."""
         flat = _flat(whole)
-        acc = Sum64(flat.device, "square")
-        order = AbsOrder(flat, on_block=acc.add)   # raises NonFiniteError as the radix histogram would
-        S = acc.value()
+        pair = S = None
+        if norm_of_kept is None:
+            order = AbsOrder(flat)                 # raises NonFiniteError as the radix histogram would
+            pair = lambda t: sumsq64_pair(flat, t)  # noqa: E731
+        else:
+            acc = Sum64(flat.device, "square")
+            order = AbsOrder(flat, on_block=acc.add)
+            S = acc.value()
         qa = qb = None
         if global_value is None:
             qb, qa = order.quantile(self.b), order.quantile(self.a)   # larger rank first: less to scan
@@ -314,7 +324,7 @@ class TADrop(Sparsifier):
         else:
             d = min(max(float(global_value), 0.0), 1.0)
         return self._finish(n, S, qa, qb, d, lambda k: (order.value(k), n - order.count_below(k)),
-                            norm_of_kept)
+                            norm_of_kept, pair=pair)
 
     def _fit_threshold(self, chunks, n, global_value, norm_of_kept) -> SparsifyStats:
         """global_threshold: the task's model-wide (d, t) given; this tensor keeps |tau| >= t."""
@@ -331,7 +341,9 @@ class TADrop(Sparsifier):
                                  norm_after=0.0, scale=1.0, kept=0)
         return self._finish(n, acc.value(), None, None, d, None, norm_of_kept, fixed=(t, kept))
 
-    def _finish(self, n, S, qa, qb, d, threshold, norm_of_kept, fixed=None) -> SparsifyStats:
+    def _finish(self, n, S, qa, qb, d, threshold, norm_of_kept, fixed=None, pair=None) -> SparsifyStats:
+        """pair(t or None) -> (||tau||^2, ||tau_hat||^2 for |tau| >= t): S and the kept norm from one
+        pass (S is None then)."""
         if fixed is not None:              # global_threshold: the realised rate is reported
             t, kept = fixed
             k = n - kept
@@ -344,11 +356,14 @@ class TADrop(Sparsifier):
                 t, kept = math.inf, 0
             else:
                 t, kept = threshold(k)
+        inner = 0 < kept < n
+        if pair is not None:
+            S, S_hat = pair(t if inner else None)
         if kept == n:
             S_hat = S
         elif kept == 0:
             S_hat = 0.0
-        else:
+        elif pair is None:
             S_hat = norm_of_kept(t)
         if self.rescale == "norm":
             scale = math.sqrt(S) / (math.sqrt(S_hat) + self.eps)
@@ -374,7 +389,8 @@ class TADrop(Sparsifier):
         flat = _flat(tau)
         return self.fit_streamed(lambda: (flat,), flat.numel(), global_value=global_value) \
             if flat.device.type != "cpu" else self._fit(
-                lambda: (flat,), flat.numel(), global_value, lambda t: _sumsq_kept(flat, t), whole=flat)
+                lambda: (flat,), flat.numel(), global_value, lambda t: _sumsq_kept(flat, t), whole=flat,
+                pair=True)
 
     def fit_apply_(self, tau, key, *, global_value=None):
         flat = tau.view(-1)

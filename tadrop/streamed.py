@@ -27,6 +27,7 @@ from typing import Sequence
 
 import torch
 
+from . import _bools as B
 from . import methods as M
 from ._buffers import CACHE_BLOCK, begin_scratch_generation, scratch
 from .quantile import AbsSelector, NonFiniteError
@@ -259,8 +260,8 @@ class _Combiner:
         return (M.ties_vector if inner == "ties" else M.task_sum)(taus, out=out)
 
     def _count(self, masks):
-        for k in range(masks.shape[0]):   # per row: far faster than a bool sum over dim 1
-            self.mask_counts[k] += int(torch.count_nonzero(masks[k]))
+        for k, c in enumerate(B.count_rows(masks)):
+            self.mask_counts[k] += c
 
     def __call__(self, r0, r1, taus, base, sink, keep=None, prep=None):
         """Combines rows r0:r1 (taus float32 [K, m], base [m]) block by block (`_blocks`);
@@ -313,7 +314,7 @@ class _Combiner:
 def _official_keep(t: torch.Tensor, threshold: float, out: torch.Tensor) -> torch.Tensor:
     """inner ties_official: the task's model-wide top-k trim, |tau_k| >= its threshold."""
     a = torch.abs(t, out=scratch("eng.abs", t.numel(), torch.float32, t.device))
-    return torch.ge(a, float(threshold), out=out)
+    return B.compare(a, "ge", float(threshold), out)
 
 
 def merge_tensor(spec: MergeSpec, name: str, src: TensorSource, sink: TensorSink, plan: TensorPlan,
