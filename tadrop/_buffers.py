@@ -282,3 +282,40 @@ def f64_inplace(dst: torch.Tensor, src: torch.Tensor, op: str) -> torch.Tensor:
         t.copy_(src[i:j])
         getattr(dst[i:j], op + "_")(t)
     return dst
+
+
+def sumsq64_pair(x: torch.Tensor, t: float | None) -> tuple[float, float]:
+    """(sum x**2, sum of x**2 over |x| >= t) in one pass, with the bits of `sumsq64(x)` and of
+    `sumsq64` over x with the entries |x| < t zeroed (TADrop's ||tau||^2 and ||tau_hat||^2).
+
+    Each block's float64 squares are summed, then the squares below t**2 are zeroed in place and
+    the block summed again: x**2 and t**2 are exact in float64 (t a float32), so x**2 < t**2
+    exactly when |x| < t, and the second sums see the same numbers, in the same blocks, as a
+    separate pass over the dropped tensor would.  t None: the second sum is not computed (0.0).
+    """
+    x = x.reshape(-1)
+    n, B = x.numel(), SUM_BLOCK
+    lam = math.nextafter(float(t) * float(t), -math.inf) if t is not None else None
+    every: list[float] = []
+    kept: list[float] = []
+
+    def sums(blk: torch.Tensor) -> None:       # blk: float64 [nb, B] squares
+        every.extend(_block_sums(blk).tolist())
+        if lam is not None:
+            torch.ops.aten.hardshrink.out(blk, lam, out=blk)   # zeroes v <= lam, i.e. v < t**2
+            kept.extend(_block_sums(blk).tolist())
+
+    nfull = n // B
+    if nfull:
+        batch = min(nfull, _SUM_BATCH)
+        buf = scratch("sum64.buf", batch * B, torch.float64, x.device)
+        for j in range(0, nfull, batch):
+            nb = min(batch, nfull - j)
+            blk = buf[: nb * B].view(nb, B)
+            blk.copy_(x[j * B:(j + nb) * B].view(nb, B))
+            sums(blk.mul_(blk))
+    if n % B:
+        tail = torch.zeros(1, B, dtype=torch.float64, device=x.device)
+        tail[0, : n % B].copy_(x[nfull * B:])
+        sums(tail.mul_(tail))
+    return math.fsum(every), (math.fsum(kept) if lam is not None else 0.0)

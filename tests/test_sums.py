@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tadrop._buffers import SUM_BLOCK, Sum64, Sum64Rows
+from tadrop._buffers import SUM_BLOCK, Sum64, Sum64Rows, sumsq64, sumsq64_pair
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -51,3 +51,20 @@ def test_sum64_rows_equal_separate_streams(K, n, draws, op, seed):
     got = [rows.value(k) for k in range(K)]
     want = [s.value() for s in single]
     assert np.array(got).tobytes() == np.array(want).tobytes()
+
+
+@given(n=st.integers(1, 3 * SUM_BLOCK + 41), q=st.floats(0, 1), seed=st.integers(0, 99),
+       ties=st.booleans())
+@SETTINGS
+def test_sumsq64_pair_equals_two_passes(n, q, seed, ties):
+    """TADrop's one-pass (||tau||^2, ||tau_hat||^2) has the bits of a pass over tau and a pass over
+    tau with |tau| < t zeroed, t one of the data's own values (ties at t are kept)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * 1e-3
+    if ties:                                       # few distinct values, exact zeros: bf16-like
+        x = (x * 256).round() / 256
+    t = float(np.sort(np.abs(x.numpy()))[min(n - 1, int(q * n))])
+    dropped = torch.where(x.abs() >= t, x, torch.zeros(()))
+    S, S_hat = sumsq64_pair(x, t if t > 0 else None)
+    assert S == sumsq64(x)
+    assert S_hat == (sumsq64(dropped) if t > 0 else 0.0)
