@@ -11,7 +11,7 @@ import pytest
 from pipeline.bank import TaskBank
 from pipeline.checkpoints import Checkpoint
 from pipeline.report import tensor_type, write_report
-from pipeline.storage import dir_bytes, run_storage
+from pipeline.storage import dir_bytes, mask_counts, run_storage
 from pipeline.writers import MaskStore
 
 from test_bank import run_for
@@ -86,3 +86,14 @@ def test_counts_taken_in_the_jobs_equal_a_recount_of_the_store(tmp_path, family,
     assert '"mask_counts"' in ledger            # the jobs did count (else the reduce read the store)
     assert record["storage"]["masked_params"] > 0
     assert run_storage(tmp_path / "run", record) == record["storage"]
+
+
+@pytest.mark.parametrize("shape", [(4, 70_001), (1, 3, 5), (7, 300, 300), (3,)])
+def test_mask_counts_match_counting_by_hand(shape):
+    """A job's counts (taken blockwise while the masks are in memory) against numpy's own counting."""
+    masks = np.random.default_rng(sum(shape)).random(shape) < 0.4
+    got = mask_counts(masks)
+    flat = masks.reshape(shape[0], -1)
+    assert got["kept"] == flat.sum(1).tolist()
+    assert got["hist"] == np.bincount(flat.sum(0), minlength=shape[0] + 1).tolist()
+    assert got["numel"] == flat.shape[1]
