@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tadrop import (AbsSelector, MemorySink, MemorySource, MergeSpec, TADrop, TopK,  # noqa: E402
                     merge_tensor, plan_tensor)
+from tadrop import _bools as B  # noqa: E402
 from tadrop import select  # noqa: E402
 from tadrop.sparsify import ChunkKey  # noqa: E402
 
@@ -213,6 +214,28 @@ def main() -> None:
         s["meets_target"] = s["ratio_to_fastest"] <= TARGET_RATIO if "whole tensor" in s["step"] else None
     os.environ.pop(select.ENV, None)
 
+    # -- bool steps: the engine's masks (tadrop/_bools.py) against torch's own CPU kernels -----------
+    blk = torch.stack([(tk - base).reshape(-1)[: 1 << 17] for tk in tasks[:4]])   # [4, 2^17], one cache block
+    m = blk.numel()
+    bmask = torch.empty(blk.shape, dtype=torch.bool)
+    fbuf = torch.empty(blk.shape)
+    assert torch.equal(B.compare(blk, "gt", 0, bmask.clone()), torch.gt(blk, 0))
+    assert B.count_rows(bmask) == [int(torch.count_nonzero(bmask[k])) for k in range(4)]
+    bool_steps = [
+        ("comparison into a bool mask (tau > 0)", {"torch": lambda: torch.gt(blk, 0, out=bmask),
+                                                   "engine": lambda: B.compare(blk, "gt", 0, bmask)}),
+        ("bool mask -> float32 0/1", {"torch": lambda: fbuf.copy_(bmask),
+                                      "engine": lambda: B.as_float(bmask, fbuf)}),
+        ("true entries per row", {"torch": lambda: [torch.count_nonzero(bmask[k]) for k in range(4)],
+                                  "engine": lambda: B.count_rows(bmask)}),
+    ]
+    results["bool_steps"] = []
+    for label, fns in bool_steps:
+        t = interleaved(fns, max(args.repeats, 20))
+        c = {k: v[0] / m * 1e9 for k, v in t.items()}
+        results["bool_steps"].append({"step": label, "elements": m, "cpu_ns_per_element": c,
+                                      "speedup": c["torch"] / c["engine"]})
+
     # -- merge_tensor on one tensor, engine's choice vs radix forced --------------------------
     names = tuple(f"task{i}" for i in range(K))
     cases = {
@@ -302,7 +325,14 @@ def render(r: dict) -> str:
               "", "Calibration of this process (2^21-element sample, best of 3, CPU ns / element): "
               + "; ".join(f"{k}: " + ", ".join(f"{m} {v:.2f}" for m, v in c["ns_per_element"].items())
                           for k, c in r["engine_choice"]["calibration"].items()) + ".",
-              "", "## merge_tensor, one tensor, in-memory source and sink", "",
+              "", "## Bool steps of the masks (ns / element, CPU)", "",
+              "A [4, 2^17] float32 block of task vectors (one engine cache block). `engine` is tadrop/_bools.py "
+              "(numpy's SIMD loops on the same memory, or the mask's bytes as uint8); `torch` is torch's own "
+              "CPU kernel for the same step. Same results (asserted).", "",
+              "| step | torch | engine | torch / engine |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {b['step']} | {b['cpu_ns_per_element']['torch']:.3f} | {b['cpu_ns_per_element']['engine']:.3f} | "
+              f"{b['speedup']:.1f}x |" for b in r.get("bool_steps", [])]
+    lines += ["", "## merge_tensor, one tensor, in-memory source and sink", "",
               "tau_k = theta_k - theta_0, the sparsifier's fit + apply, the merge, sink writes; read once.", "",
               "| case | selection | ns / task-element (CPU) | ns / task-element (wall) |",
               "| --- | --- | ---: | ---: |"]
