@@ -313,8 +313,9 @@ def ensure_data(data: Path, k: int, seed: int) -> dict:
     out = data / "models"
     want = dict(SIZES, dtype="bfloat16", shards=1, seed=seed)
     man = mdm.read_manifest(out)
-    if man and all(man["params"][key] == v for key, v in want.items()) and man["params"]["k"] >= k:
-        return man
+    if man and all(man["params"][key] == v for key, v in want.items()) and man["params"]["k"] >= k \
+            and all(Path(p).exists() for p in [man["base"], *(man["tasks"][n] for n in man["params"]["names"][:k])]):
+        return man                             # (a cleanup may have deleted the models past the first few)
     print(f"generating base + {k} fine-tunes (~1.08 GB each) under {out} ...", flush=True)
     man = mdm.make_models(out, **SIZES, k=k, dtype="bfloat16", shards=1, seed=seed)
     print(f"  done in {man['seconds']:.0f} s", flush=True)
@@ -432,7 +433,8 @@ def run_case(case: Case, man: dict, args, data: Path, rnd: int = 0, resume: bool
     venv_python = (str(mergekit_venv(data, args.mergekit_venv).parent / "python")
                    if case.tool == "mergekit" else None)
     cache = cache_state(args.cache, inputs, case.tool, venv_python)
-    print(f"[{case.name}] machine {busy:.0%} busy before, {cache}; running ...", flush=True)
+    seen = f"machine {busy:.0%} busy before" if busy >= 0 else "idle wait off"
+    print(f"[{case.name}] {seen}, {cache}; running ...", flush=True)
     m = run_measured(cmd, log, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     if case.tool == "tadrop" and m["rc"] == 0:
         st = subprocess.run(tadrop_cmd(args) + ["status", str(run_dir)], cwd=REPO,

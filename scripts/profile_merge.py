@@ -40,7 +40,7 @@ CATEGORIES = [
     ("output cast to the output dtype", ["_Sink._write ("]),
     ("masks: bit-pack + zstd + zarr write", ["MaskStore.write (", "zarr/", "numcodecs/"]),
     ("selection (radix histograms / numpy partition)", ["AbsSelector.", "AbsOrder.", "_sparse_hist ("]),
-    ("float64 sums (norms, EMR rescaler sums, sums over the K tasks)", ["Sum64.", "Sum64Rows.", "sumsq64 (", "sum_tasks64 (",
+    ("float64 sums (norms, EMR rescaler sums, sums over the K tasks)", ["Sum64.", "Sum64Rows.", "sumsq64 (", "sumsq64_pair (", "sum_tasks64 (",
                                                  "f64_inplace ("]),
     ("sparsifier apply (drop, rescale)", ["_shrink (", "TADrop.apply (", "TopK.apply (", "TADrop.fit_apply_ (",
                                           "Sparsifier.fit_apply_ ("]),
