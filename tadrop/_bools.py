@@ -1,8 +1,8 @@
 """Boolean masks from comparisons, masks as 0/1 floats, and counts of true entries.
 
 Why a module: on the CPU, torch's kernels for a comparison with a bool result, for a bool ->
-float copy and for count_nonzero run 4-9x slower than numpy's SIMD loops doing the same work
-(`scripts/bench_kernels.py`, "bool steps"), and the engine does such a step per task-element in
+float copy and for count_nonzero run 3.6-5.2x slower than numpy's SIMD loops doing the same work
+(`bench/kernels.md`, "Bool steps"), and the engine does such a step per task-element in
 every method that keeps masks.  numpy views share the tensors' memory, so routing through it
 changes no bit (a comparison has one answer; a Python scalar is compared as the tensor's dtype
 in both libraries).  Off the CPU, torch's own ops run.
