@@ -121,6 +121,9 @@ class Plan:
             "jobs_by_phase": {k: len(v) for k, v in self.jobs.items()},
             "input_bytes": sum(j.nbytes for j in jobs),
             "chunked_tensors": len(chunked),
+            # inputs of the row-chunked tensors: read once for Phi's fit and again for the combine
+            "chunked_input_bytes": sum(j.nbytes for j in self.jobs.get("merge", ())
+                                       if j.kind == "merge" and j.tensor in set(chunked)),
             "max_est_bytes_per_worker": max((p.est_bytes for p in self.tensor_plans.values()), default=0),
             "merged_shards": len(self.merged_plan.files) if self.merged_plan else 0,
             "unified_shards": len(self.unified_plan.files) if self.unified_plan else 0,
@@ -232,7 +235,8 @@ def describe(plan: Plan, base: Checkpoint) -> str:
         f"tensors: {s['tensors_merged']} merged, {s['tensors_copied']} copied from the base",
         f"jobs: {s['jobs']} ({', '.join(f'{k} {v}' for k, v in s['jobs_by_phase'].items())})",
         f"input bytes read: {_gb(s['input_bytes'])}",
-        f"row-chunked tensors (inputs larger than the memory budget): {s['chunked_tensors']}",
+        f"row-chunked tensors (inputs larger than the memory budget): {s['chunked_tensors']}"
+        + (f" ({_gb(s['chunked_input_bytes'])} of inputs, read more than once)" if s['chunked_tensors'] else ""),
         f"estimated peak memory per worker: {_gb(s['max_est_bytes_per_worker'])}",
         f"outputs: merged/ {s['merged_shards']} shard(s), unified/ {s['unified_shards']} shard(s), "
         f"masks.zarr: {'yes' if plan.write_masks else 'no'}",

@@ -100,6 +100,7 @@ class Result:
     round: int = 0                  # repeat round (--repeats)
     resume: dict | None = None      # --resume-test: the kill / resume measurement
     timings: dict | None = None     # tadrop's run.json timings
+    chunked_share: float | None = None  # inputs of row-chunked tensors / all inputs (tadrop's plan)
     digest: str | None = None       # hash of the run's output files (resume == uninterrupted)
     log: str = ""
     notes: list[str] = field(default_factory=list)
@@ -322,6 +323,14 @@ def ensure_data(data: Path, k: int, seed: int) -> dict:
     return man
 
 
+def chunked_share(summary: dict) -> float | None:
+    """The share of a plan's input bytes in row-chunked tensors, which the issue lets a merge read
+    twice (once for Phi's fit, once for the combine); None for a plan summary without the figure."""
+    if "chunked_input_bytes" not in summary or not summary.get("input_bytes"):
+        return None
+    return summary["chunked_input_bytes"] / summary["input_bytes"]
+
+
 def tadrop_config(case: Case, man: dict, run_dir: Path) -> str:
     names = man["params"]["names"][: case.k]
     method = {"ties": "ties", "emr_tadrop": "emr", "task_arithmetic": "task_arithmetic"}[case.method]
@@ -452,7 +461,9 @@ def run_case(case: Case, man: dict, args, data: Path, rnd: int = 0, resume: bool
                read_bytes=m["read_bytes"], round=rnd)
     r.read_ratio = round(r.read_bytes / r.input_bytes, 4) if r.input_bytes else None
     if case.tool == "tadrop" and r.rc == 0:
-        r.timings = json.loads((run_dir / "run.json").read_text()).get("timings")
+        record = json.loads((run_dir / "run.json").read_text())
+        r.timings = record.get("timings")
+        r.chunked_share = chunked_share(record.get("plan") or {})
         r.digest = outputs_digest(run_dir)
     if case.tool == "tadrop":
         r.target_rss_gib = args.workers * parse_gib(args.memory_budget) + 0.5
@@ -570,8 +581,8 @@ def verdicts(results: list[Result], meta: dict) -> list[str]:
     med = {r.case: _median_wall(results, r.case) for r in results}
     out = []
 
-    def line(what, value, target, ok):
-        mark = "n/a (case not run)" if ok is None else ("**met**" if ok else "**MISSED**")
+    def line(what, value, target, ok, how=""):
+        mark = "n/a (case not run)" if ok is None else ("**met**" + how if ok else "**MISSED**")
         out.append(f"| {what} | {value} | {target} | {mark} |")
 
     mk, ties, emr4 = med.get("mergekit-ties-k4"), med.get("tadrop-ties-k4"), med.get("tadrop-emr_tadrop-k4")
@@ -588,8 +599,14 @@ def verdicts(results: list[Result], meta: dict) -> list[str]:
     for r in results:
         if r.tool == "tadrop" and r.read_ratio is not None and r.cache.startswith("cold") and r.round == 0 \
                 and not r.case.endswith("-resume"):
+            twice = r.chunked_share or 0.0         # row-chunked tensors may be read twice
+            plain = r.read_ratio <= TARGET_READ_RATIO
             line(f"{r.case}: bytes read from disk / input bytes (cold cache, tensor scope)",
-                 f"{r.read_ratio:.3f}", f"<= {TARGET_READ_RATIO:g}", r.read_ratio <= TARGET_READ_RATIO)
+                 f"{r.read_ratio:.3f}", f"<= {TARGET_READ_RATIO:g}" + (
+                     f"; row-chunked tensors ({twice:.0%} of the input bytes) may be read twice: "
+                     f"<= {TARGET_READ_RATIO + twice:.2f}" if twice else ""),
+                 plain or r.read_ratio <= TARGET_READ_RATIO + twice,
+                 "" if plain else " (row-chunked tensors read twice, in part)")
     for r in results:
         if r.tool == "tadrop" and r.target_rss_gib is not None and r.round == 0 and r.k >= 16:
             line(f"{r.case}: peak RSS GiB", f"{r.peak_rss_gib:.2f}", f"<= {r.target_rss_gib:g}", r.meets_rss)

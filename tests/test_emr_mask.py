@@ -191,7 +191,11 @@ def test_row_chunking_and_workers_give_identical_bytes(tmp_path, family_bf16, ca
     _, whole = run_case(tmp_path / "a", family_bf16, case, workers=1)
     _, chunked = run_case(tmp_path / "b", family_bf16, case, memory_budget="24KiB")
     plan = json.loads((chunked / ".tadrop" / "plan.json").read_text())
-    assert plan["summary"]["chunked_tensors"] > 0
+    s = plan["summary"]
+    assert s["chunked_tensors"] > 0
+    assert 0 < s["chunked_input_bytes"] <= s["input_bytes"]   # what is read more than once
+    unchunked = json.loads((whole / ".tadrop" / "plan.json").read_text())["summary"]
+    assert unchunked["chunked_tensors"] == unchunked["chunked_input_bytes"] == 0
     assert tree_digest(whole) == tree_digest(chunked)
 
 
