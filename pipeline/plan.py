@@ -113,7 +113,7 @@ class Plan:
 
     def summary(self) -> dict:
         jobs = self.all_jobs
-        chunked = [n for n, p in self.tensor_plans.items() if p.chunk_rows < (self.shapes[n] or (1,))[0]]
+        chunked = {n for n, p in self.tensor_plans.items() if p.chunk_rows < (self.shapes[n] or (1,))[0]}
         return {
             "tensors_merged": len(self.merge),
             "tensors_copied": len(self.copy),
@@ -123,7 +123,7 @@ class Plan:
             "chunked_tensors": len(chunked),
             # inputs of the row-chunked tensors: read once for Phi's fit and again for the combine
             "chunked_input_bytes": sum(j.nbytes for j in self.jobs.get("merge", ())
-                                       if j.kind == "merge" and j.tensor in set(chunked)),
+                                       if j.kind == "merge" and j.tensor in chunked),
             "max_est_bytes_per_worker": max((p.est_bytes for p in self.tensor_plans.values()), default=0),
             "merged_shards": len(self.merged_plan.files) if self.merged_plan else 0,
             "unified_shards": len(self.unified_plan.files) if self.unified_plan else 0,

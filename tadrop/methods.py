@@ -186,11 +186,12 @@ def emr(taus, *, out_uni=None, out_masks=None, sums: EMRSums | None = None,
     prod = torch.mul(t2, flag, out=scratch("m.prod", K * m, torch.float32, t2.device).view(K, m))
     masks = _out(out_masks, taus.shape, torch.bool, taus.device)
     m2 = B.compare(prod, "gt", 0, masks.view(K, m))        # prod = |tau'_k| where M_k, < 0 elsewhere
+    if keep is not None:
+        B.and_(m2, keep.reshape(K, m))
     # the masks as 0.0/1.0 (a float times bool product takes a slow mixed-dtype path)
     masked = B.as_float(m2, scratch("m.masked", K * m, torch.float32, t2.device).view(K, m))
     if keep is not None:
-        B.and_(m2, keep.reshape(K, m))
-        prod.mul_(B.as_float(m2, masked))                  # |tau_k| where M_k, <= 0 elsewhere
+        prod.mul_(masked)                                  # |tau_k| where M_k, <= 0 elsewhere
     abs_uni = scratch("m.absuni", m, torch.float32, t2.device)
     if K:
         abs_uni.copy_(prod[0])
