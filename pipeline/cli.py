@@ -125,7 +125,6 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 def _merge(args) -> int:
     from .config import ConfigError, check_shard_size, config_from_data, read_config_data
     from .mergekit_config import is_mergekit, translate
-    from .run import merge
     data = read_config_data(args.config)
     if is_mergekit(data):
         tr = translate(data, str(args.config))
@@ -149,7 +148,14 @@ def _merge(args) -> int:
     cfg = config_from_data(data, str(args.config))
     if args.ray_address:
         cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"address": args.ray_address})})
-    merge(cfg, dry_run=args.dry_run, quiet=args.quiet, verify_inputs=args.verify_inputs)
+    from . import warm
+    if not args.dry_run:       # workers import torch while this process does (below) and plans
+        warm.maybe_prestart(cfg)
+    try:
+        from .run import merge
+        merge(cfg, dry_run=args.dry_run, quiet=args.quiet, verify_inputs=args.verify_inputs)
+    finally:
+        warm.discard()         # workers the run did not take (nothing to do, or an error first)
     return 0
 
 

@@ -7,16 +7,12 @@ calls back in the driver as each job finishes, so the driver can record it in th
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import multiprocessing as mp
-import multiprocessing.context
 import os
+import pickle
 import signal
-import threading
-import sys
+import tempfile
 import time
-import types
+import uuid
 from abc import ABC, abstractmethod
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -26,6 +22,7 @@ from typing import Callable, Sequence
 import torch
 
 from .job import Job, JobError, JobRunner, RunContext
+from .warm import children_ignore_sigint, inline_limit, new_pool, stop, take_prestarted
 
 OnResult = Callable[[Job, dict], None]
 
@@ -62,55 +59,26 @@ class Executor(ABC):
         self.close()
 
 
-# One runner per worker process, built by the pool initializer and reused for every job.
+# One runner per worker process, built from the run context its first job names and reused for every
+# job of that context (a pool outlives a phase and may serve a new context: the next run's).
 _RUNNER: JobRunner | None = None
+_TOKEN: tuple[str, str] | None = None
 
 
-def _die_with_parent() -> None:
-    """Linux: have the kernel SIGKILL this worker when the driver dies, so a killed driver never
-    leaves workers behind still writing into the run directory (or holding its terminal's pipes)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # the driver died before we got here
-        os._exit(1)
-
-
-def _init_worker(ctx: RunContext) -> None:
-    global _RUNNER
-    _die_with_parent()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    _RUNNER = JobRunner(ctx)
-
-
-def _run_job(job: Job) -> dict:
-    assert _RUNNER is not None
+def _run_job(job: Job, token: tuple[str, str]) -> dict:
+    """token: (path of the pickled RunContext, its key).  The context travels once per worker through a
+    file rather than with every job, and the workers can start before it exists (`pipeline.warm`)."""
+    global _RUNNER, _TOKEN
+    if _TOKEN != token:
+        with open(token[0], "rb") as f:
+            ctx = pickle.load(f)
+        _RUNNER, _TOKEN = JobRunner(ctx), token
     return _RUNNER.run(job)
-
-
-@contextlib.contextmanager
-def _children_ignore_sigint():
-    """Workers are spawned with SIGINT ignored (an ignored signal stays ignored across exec, and Python
-    then installs no KeyboardInterrupt handler), so Ctrl-C reaches the driver alone, which stops them:
-    no worker tracebacks, even while they are still importing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
-# Below this much input (all phases), jobs run in the driver: starting workers would cost more than
-# they save.  TADROP_INLINE_BYTES overrides it (0: always workers, as the test suite does).
-INLINE_MAX_BYTES = 256 * 10**6
 
 
 def local_executor(workers: int, input_bytes: int) -> "Executor":
     """The local executor for a run of this size: in the driver when small or `workers: 1`."""
-    limit = int(os.environ.get("TADROP_INLINE_BYTES", INLINE_MAX_BYTES))
+    limit = inline_limit()
     if input_bytes <= limit or (workers == 1 and limit > 0):
         return InlineExecutor()
     return LocalExecutor(workers=workers)
@@ -146,32 +114,6 @@ class InlineExecutor(Executor):
                 if w is not None:
                     w.close()
             self._runner = self._ctx = None
-
-
-class _NoMainProcess(mp.context.SpawnProcess):
-    """A spawned worker that does not re-import the driver's __main__.
-
-    multiprocessing's spawn re-runs the main script in every child (as `__mp_main__`): a script
-    without an `if __name__ == "__main__":` guard would start the merge again inside each worker
-    (which then dies), and a script read from stdin cannot be re-run at all.  Our workers need
-    nothing from __main__ (the job functions live in this module), so the preparation data is
-    taken with a bare stand-in for __main__, and scripts, stdin and notebooks all work.
-    """
-    _blank_main = types.ModuleType("__main__")
-
-    @staticmethod
-    def _Popen(process_obj):
-        main = sys.modules.get("__main__")
-        sys.modules["__main__"] = _NoMainProcess._blank_main
-        try:
-            return mp.context.SpawnProcess._Popen(process_obj)
-        finally:
-            if main is not None:
-                sys.modules["__main__"] = main
-
-
-class _NoMainContext(mp.context.SpawnContext):
-    Process = _NoMainProcess
 
 
 def _oom_kills() -> dict[str, int]:
@@ -221,8 +163,10 @@ def death_cause(exitcode: int | None, oom_before: dict, oom_after: dict) -> str:
 class LocalExecutor(Executor):
     """N worker processes on this machine, one torch thread each, a bounded window of jobs in flight.
 
-    Workers are spawned (fresh interpreters: no inherited threads or locks) once per run and live
-    until `close()`, across the phases of a run (they share one context).
+    Workers are spawned (fresh interpreters: no inherited threads or locks) once per executor, or
+    adopted from `pipeline.warm.prestart` (started before the driver imported torch), and live until
+    `close()`, across the phases of a run.  Each run context is pickled once into a temporary file
+    that the jobs name; a worker loads it with the first job that names it.
     """
 
     driver_syncs = True
@@ -234,22 +178,35 @@ class LocalExecutor(Executor):
         self.window = window or 2 * workers
         self._pool: ProcessPoolExecutor | None = None
         self._ctx: RunContext | None = None
-        self._mp = _NoMainContext()
-        self._procs: list = []
+        self._token: tuple[str, str] | None = None
         self._oom = _oom_kills()
         self.timings: dict[str, float] = {}
 
     def _get_pool(self, ctx: RunContext, n_jobs: int) -> ProcessPoolExecutor:
-        if self._pool is not None and self._ctx is not ctx:
-            self.close()
         if self._pool is None:
-            n = min(self.workers, n_jobs)
-            self.status(f"starting {n} worker process{'es' if n > 1 else ''} (each imports torch)")
             self._t_start = time.perf_counter()
-            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=self._mp,
-                                             initializer=_init_worker, initargs=(ctx,))
-            self._ctx = ctx
+            self._pool = take_prestarted(self.workers)
+            if self._pool is None:
+                n = min(self.workers, n_jobs)
+                self.status(f"starting {n} worker process{'es' if n > 1 else ''} (each imports torch)")
+                self._pool = new_pool(self.workers)
+            else:
+                self.status(f"{self.workers} worker processes starting (each imports torch)")
+        if self._ctx is not ctx:
+            self._drop_context()
+            fd, path = tempfile.mkstemp(prefix="tadrop-context-", suffix=".pkl")
+            with os.fdopen(fd, "wb") as f:
+                pickle.dump(ctx, f, protocol=pickle.HIGHEST_PROTOCOL)
+            self._ctx, self._token = ctx, (path, uuid.uuid4().hex)
         return self._pool
+
+    def _drop_context(self) -> None:
+        if self._token is not None:
+            try:
+                os.unlink(self._token[0])
+            except OSError:
+                pass
+        self._ctx = self._token = None
 
     def _lost(self, job: Job) -> WorkerLost:
         """Word a broken pool by what really happened to the worker that died."""
@@ -274,8 +231,8 @@ class LocalExecutor(Executor):
             while todo or in_flight:
                 while todo and len(in_flight) < self.window:
                     job = todo.pop(0)
-                    with _children_ignore_sigint():   # submit spawns the workers, on demand
-                        in_flight[pool.submit(_run_job, job)] = job
+                    with children_ignore_sigint():   # submit spawns the workers, on demand
+                        in_flight[pool.submit(_run_job, job, self._token)] = job
                 done, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
                 for fut in done:
                     job = in_flight.pop(fut)
@@ -305,8 +262,6 @@ class LocalExecutor(Executor):
             # Every result the ledger holds is durable before it is reported, so a worker has nothing
             # left to save: stopping it now spares the wait for its orderly exit (unmapping inputs,
             # freeing buffers, interpreter teardown: about half a second at the end of every run).
-            for proc in list(getattr(self._pool, "_processes", {}).values()):
-                proc.terminate()
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            stop(self._pool)
             self._pool = None
-            self._ctx = None
+        self._drop_context()
