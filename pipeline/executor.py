@@ -160,6 +160,9 @@ def death_cause(exitcode: int | None, oom_before: dict, oom_after: dict) -> str:
     return f"{what} (this system does not say whether it was the out-of-memory killer: see `dmesg`)"
 
 
+CONTEXT_PREFIX = "worker-context-"
+
+
 class LocalExecutor(Executor):
     """N worker processes on this machine, one torch thread each, a bounded window of jobs in flight.
 
@@ -194,11 +197,25 @@ class LocalExecutor(Executor):
                 self.status(f"{self.workers} worker processes starting (each imports torch)")
         if self._ctx is not ctx:
             self._drop_context()
-            fd, path = tempfile.mkstemp(prefix="tadrop-context-", suffix=".pkl")
-            with os.fdopen(fd, "wb") as f:
-                pickle.dump(ctx, f, protocol=pickle.HIGHEST_PROTOCOL)
-            self._ctx, self._token = ctx, (path, uuid.uuid4().hex)
+            key = uuid.uuid4().hex
+            self._ctx, self._token = ctx, (self._write_context(ctx, key), key)
         return self._pool
+
+    @staticmethod
+    def _write_context(ctx: RunContext, key: str) -> str:
+        """The pickled context, in the run's state directory (one run holds it: a file a killed
+        driver left there is removed by the next run), else in the system's temporary directory."""
+        blob = pickle.dumps(ctx, protocol=pickle.HIGHEST_PROTOCOL)
+        state = Path(ctx.state_dir)
+        try:
+            for old in state.glob(CONTEXT_PREFIX + "*.pkl"):
+                old.unlink()
+            fd, path = tempfile.mkstemp(prefix=CONTEXT_PREFIX, suffix=".pkl", dir=state)
+        except OSError:
+            fd, path = tempfile.mkstemp(prefix="tadrop-" + CONTEXT_PREFIX, suffix=".pkl")
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        return path
 
     def _drop_context(self) -> None:
         if self._token is not None:

@@ -62,6 +62,7 @@ def test_cli_merge_adopts_the_prestarted_workers_same_bytes(tmp_path, family, mo
     cfg = write_config(tmp_path / "c.yaml", family, tmp_path / "workers", method="ties")
     assert cli.main(["merge", str(cfg), "--quiet"]) == 0
     assert taken and taken[0] is not None            # the executor ran on the prestarted pool
+    assert not list((tmp_path / "workers").rglob("worker-context-*"))   # the pickled context is gone
     monkeypatch.setenv("TADROP_INLINE_BYTES", str(10**12))
     cfg2 = write_config(tmp_path / "c2.yaml", family, tmp_path / "inline", method="ties")
     assert cli.main(["merge", str(cfg2), "--quiet"]) == 0
