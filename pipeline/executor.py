@@ -189,12 +189,10 @@ class LocalExecutor(Executor):
         if self._pool is None:
             self._t_start = time.perf_counter()
             self._pool = take_prestarted(self.workers)
+            n = self.workers if self._pool is not None else min(self.workers, n_jobs)
+            self.status(f"starting {n} worker process{'es' if n > 1 else ''} (each imports torch)")
             if self._pool is None:
-                n = min(self.workers, n_jobs)
-                self.status(f"starting {n} worker process{'es' if n > 1 else ''} (each imports torch)")
                 self._pool = new_pool(self.workers)
-            else:
-                self.status(f"{self.workers} worker processes starting (each imports torch)")
         if self._ctx is not ctx:
             self._drop_context()
             key = uuid.uuid4().hex

@@ -10,7 +10,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import platform
 import shutil
 import sys
@@ -34,6 +33,7 @@ from .ledger import Ledger
 from .plan import Plan, describe, make_plan, mask_chunk_rows
 from .progress import Progress
 from .reduce import reduce_run
+from .warm import machine_limits
 from .writers import MaskStore, atomic_write_json, create_shard_files, encode_array_name
 
 log = logging.getLogger("tadrop")
@@ -159,14 +159,7 @@ def cap_workers(cfg: MergeConfig, jobs_left: int, jobs_total: int | None = None)
     `memory_budget` each (local executor; a Ray cluster is capped at the job count only)."""
     limits = {"jobs to run": max(1, jobs_left)}
     if cfg.executor == "local":
-        limits["CPU cores"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
-            else (os.cpu_count() or 1)
-        try:
-            mem = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-            limits[f"memory at {cfg.memory_budget / 2**30:.3g} GiB a worker"] = max(
-                1, mem // int(cfg.memory_budget))
-        except (ValueError, OSError):
-            pass
+        limits.update(machine_limits(cfg.memory_budget))
     why, cap = min(limits.items(), key=lambda kv: kv[1])
     if cfg.workers > cap:
         # fewer jobs left than workers on a resume is normal; more workers than the whole run has jobs,

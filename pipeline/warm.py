@@ -174,12 +174,18 @@ def maybe_prestart(cfg) -> bool:
     workers = int(cfg.workers)
     if nbytes is None or nbytes <= limit or (workers == 1 and limit > 0):
         return False
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = min(workers, cores)
+    prestart(min(workers, *machine_limits(cfg.memory_budget).values()))
+    return True
+
+
+def machine_limits(memory_budget: int) -> dict[str, int]:
+    """How many local workers this machine holds: {reason: count}, by its cores and by its memory at
+    `memory_budget` bytes a worker (`pipeline.run.cap_workers` adds the jobs left)."""
+    limits = {"CPU cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+              else (os.cpu_count() or 1)}
     try:
         mem = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        workers = min(workers, max(1, mem // int(cfg.memory_budget)))
+        limits[f"memory at {memory_budget / 2**30:.3g} GiB a worker"] = max(1, mem // int(memory_budget))
     except (ValueError, OSError):
         pass
-    prestart(workers)
-    return True
+    return limits
