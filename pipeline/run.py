@@ -138,8 +138,10 @@ def versions() -> dict:
         ours = version("tadrop-merge")
     except PackageNotFoundError:
         ours = "dev"
+    from tadrop import native
     return {"tadrop": ours, "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "safetensors": safetensors.__version__, "zarr": zarr.__version__}
+            "numpy": np.__version__, "safetensors": safetensors.__version__, "zarr": zarr.__version__,
+            "native_kernels": native.where()}
 
 
 # -- the merge -----------------------------------------------------------------------------------------

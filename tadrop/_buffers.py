@@ -16,6 +16,8 @@ import threading
 
 import torch
 
+from . import native
+
 _local = threading.local()
 
 def _pool() -> dict:
@@ -70,14 +72,10 @@ _SUM_BATCH = 64              # blocks converted to float64 at a time
 
 
 def _block_sums(buf: torch.Tensor) -> torch.Tensor:
-    """Row sums of a float64 [nb, SUM_BLOCK] buffer; each row's bits depend on its values only.
-
-    CPU: torch.sum over the last dim reduces each row serially whatever nb and the
-    thread count (ATen parallelises over rows, and a single 4096-element row is
-    below its grain size).  Elsewhere: pairwise halving, elementwise adds only.
-    """
-    if buf.device.type == "cpu":
-        return buf.sum(1)
+    """Row sums of a float64 [nb, SUM_BLOCK] buffer (consumed) by pairwise halving:
+    row[:s] += row[s:2s] for s = SUM_BLOCK/2, ..., 1.  Elementwise adds only, so every device,
+    and the C kernel (native.block_sums, the same additions), gives these bits; each row's
+    depend on its values alone."""
     s = buf.shape[1] // 2
     while s >= 1:
         buf[:, :s] += buf[:, s:2 * s]
@@ -135,7 +133,11 @@ class Sum64:
                 self._tail.zero_()
                 self._fill = 0
         nfull = (n - i) // B
-        if nfull:
+        fast = None if w is not None or not nfull else native.block_sums(
+            x[i:i + nfull * B].view(1, -1), nfull, B, self.op)
+        if fast is not None:
+            self._parts.extend(fast[0].tolist())
+        elif nfull:
             batch = min(nfull, _SUM_BATCH)
             buf = scratch("sum64.buf", batch * B, torch.float64, self.device)
             for j in range(0, nfull, batch):
@@ -144,7 +146,7 @@ class Sum64:
                 blk = buf[: nb * B].view(nb, B)
                 self._prep(blk, x[a:b].view(nb, B), None if w is None else w[a:b].view(nb, B))
                 self._keep(_block_sums(blk))
-            i += nfull * B
+        i += nfull * B
         if i < n:
             self._prep(self._tail[: n - i], x[i:], ws(i, n))
             self._fill = n - i
@@ -212,7 +214,11 @@ class Sum64Rows:
                 self._tail.zero_()
                 self._fill = 0
         nfull = (n - i) // B
-        if nfull:
+        fast = native.block_sums(x[:, i:i + nfull * B], nfull, B, self.op) if nfull and K else None
+        if fast is not None:
+            for part, row in zip(self._parts, fast.tolist()):
+                part.extend(row)
+        elif nfull:
             batch = max(1, min(nfull, _SUM_BATCH // max(K, 1)))
             buf = scratch("sum64r.buf", K * batch * B, torch.float64, self.device)
             for j in range(0, nfull, batch):
@@ -221,7 +227,7 @@ class Sum64Rows:
                 blk = buf[: K * nb * B].view(K, nb, B)
                 self._prep(blk, x[:, a:b].view(K, nb, B))
                 self._keep(_block_sums(blk.view(K * nb, B)).view(K, nb))
-            i += nfull * B
+        i += nfull * B
         if i < n:
             self._prep(self._tail[:, : n - i], x[:, i:])
             self._fill = n - i
@@ -299,14 +305,19 @@ def sumsq64_pair(x: torch.Tensor, t: float | None) -> tuple[float, float]:
     every: list[float] = []
     kept: list[float] = []
 
-    def sums(blk: torch.Tensor) -> None:       # blk: float64 [nb, B] squares
+    def sums(blk: torch.Tensor) -> None:       # blk: float64 [nb, B] squares (consumed)
+        if lam is not None:                    # zeroes v <= lam, i.e. v < t**2
+            kb = scratch("sum64.kept", blk.numel(), torch.float64, blk.device).view_as(blk)
+            kept.extend(_block_sums(torch.ops.aten.hardshrink.out(blk, lam, out=kb)).tolist())
         every.extend(_block_sums(blk).tolist())
-        if lam is not None:
-            torch.ops.aten.hardshrink.out(blk, lam, out=blk)   # zeroes v <= lam, i.e. v < t**2
-            kept.extend(_block_sums(blk).tolist())
 
     nfull = n // B
-    if nfull:
+    fast = native.block_sums(x[:nfull * B].view(1, -1), nfull, B, "square", lam) if nfull else None
+    if fast is not None:
+        every.extend((fast[0] if lam is not None else fast)[0].tolist())
+        if lam is not None:
+            kept.extend(fast[1][0].tolist())
+    elif nfull:
         batch = min(nfull, _SUM_BATCH)
         buf = scratch("sum64.buf", batch * B, torch.float64, x.device)
         for j in range(0, nfull, batch):

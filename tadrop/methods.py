@@ -15,6 +15,7 @@ from typing import Iterable, Sequence
 import torch
 
 from . import _bools as B
+from . import native
 from ._buffers import Sum64, Sum64Rows, f64_inplace, scratch, sum_tasks64
 
 
@@ -182,9 +183,29 @@ def emr(taus, *, out_uni=None, out_masks=None, sums: EMRSums | None = None,
     K = taus.shape[0]
     t2 = _flat_tasks(taus)
     m = t2.shape[1]
+    masks = _out(out_masks, taus.shape, torch.bool, taus.device)
+    tau_uni = _out(out_uni, taus.shape[1:], torch.float32, taus.device)
+    acc = sums if sums is not None else EMRSums(K, t2.device)
+    mu = scratch("m.masked", K * m, torch.float32, t2.device).view(K, m)
+    if native.emr_block(t2, None if keep is None else keep.reshape(K, m), masks.view(K, m),
+                        tau_uni.view(-1), mu):
+        acc.abs_tau.add(t2)
+        acc.abs_uni.add(mu)
+    else:
+        _emr_torch(t2, keep, masks, tau_uni, acc)
+    if sums is not None:
+        return EMRChunk(tau_uni, masks, None, None)
+    p = acc.partials(m)
+    return EMRChunk(tau_uni, masks, torch.tensor(p.abs_tau_sum, dtype=torch.float64),
+                    torch.tensor(p.abs_uni_sum, dtype=torch.float64))
+
+
+def _emr_torch(t2, keep, masks, tau_uni, acc: EMRSums) -> None:
+    """methods.emr in torch operations (the C kernel's twin, bit for bit; off the CPU, or
+    without the kernel)."""
+    K, m = t2.shape
     flag = _sign32(_sum64(t2), "m.sign", strict=True)      # a zero sum gives -1, as official
     prod = torch.mul(t2, flag, out=scratch("m.prod", K * m, torch.float32, t2.device).view(K, m))
-    masks = _out(out_masks, taus.shape, torch.bool, taus.device)
     m2 = B.compare(prod, "gt", 0, masks.view(K, m))        # prod = |tau'_k| where M_k, < 0 elsewhere
     if keep is not None:
         B.and_(m2, keep.reshape(K, m))
@@ -202,18 +223,11 @@ def emr(taus, *, out_uni=None, out_masks=None, sums: EMRSums | None = None,
     # max_k |M_k tau'_k| = max(0, max_k prod_k); the + 0.0 turns -0.0 into +0.0: maximum's
     # choice between zeros differs between its vector and scalar paths (chunking would show)
     abs_uni.clamp_(min=0).add_(0.0)
-    tau_uni = _out(out_uni, taus.shape[1:], torch.float32, taus.device)
     torch.mul(abs_uni, flag, out=tau_uni.view(-1))
-    acc = sums if sums is not None else EMRSums(K, t2.device)
     acc.abs_tau.add(t2)                                    # sum |tau'_k|
     # sum M_k |tau_uni|: the product by 0/1 is exact in float32, so this equals the float64 product
     # summed before, bit for bit, one float64 pass cheaper
     acc.abs_uni.add(masked.mul_(abs_uni))
-    if sums is not None:
-        return EMRChunk(tau_uni, masks, None, None)
-    p = acc.partials(m)
-    return EMRChunk(tau_uni, masks, torch.tensor(p.abs_tau_sum, dtype=torch.float64),
-                    torch.tensor(p.abs_uni_sum, dtype=torch.float64))
 
 
 def emr_rescalers(parts: Iterable[EMRPartials], mode: str = "official",

@@ -1,0 +1,189 @@
+/* Fused CPU kernels of the merge methods (loaded by tadrop/native.py through ctypes).
+
+Why: the torch path of EMR's elect/mask/unify runs ~15 elementwise operations over the K task
+rows of a block, each one a pass through memory; fused, a block is read once.  Every result
+here is the bit-for-bit result of the torch path in tadrop/methods.py (the same IEEE operations
+on each element, in the same order), which the tests check on both paths.
+
+No Python C-API: plain functions on raw pointers, so the library does not depend on the
+Python version.  Inner loops run over the contiguous element index j, in tiles that stay in the
+L1 cache, so that the compiler vectorises them; on x86-64 Linux every function is compiled for
+AVX-512, AVX2 and the baseline, and the loader picks the best the CPU has (target_clones).
+*/
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define TADROP_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define TADROP_CLONES
+#endif
+
+#define TILE 512
+
+int tadrop_native_abi(void) { return 1; }
+
+/* EMR elect / mask / unify on one block of m elements of K task rows (official
+   harveyhuang18/EMR_Merging `emr_merge`, SPEC 2; methods.emr is the torch path):
+     S_j      = sum_k t[k][j] in float64, task order    (flag = +1 where S_j > 0, else -1)
+     M_k,j    = t[k][j] * flag > 0  [and keep[k][j]]
+     uni_j    = flag * max(+0, max_k over M_k,j of t[k][j] * flag)
+     mu[k][j] = M_k,j ? max(...) : +0                   (the rescaler's |M_k tau_uni| term)
+   t, keep, masks, mu: row k at row stride ldt, ldk, ldm, ldmu elements; keep may be NULL;
+   masks are bytes 0/1 (torch bool). */
+TADROP_CLONES
+void tadrop_emr_block(int64_t K, int64_t m, const float *t, int64_t ldt, const uint8_t *keep,
+                      int64_t ldk, uint8_t *masks, int64_t ldm, float *uni, float *mu,
+                      int64_t ldmu)
+{
+    double S[TILE];
+    float flag[TILE], u[TILE];
+    for (int64_t j0 = 0; j0 < m; j0 += TILE) {
+        const int64_t n = (m - j0 < TILE) ? m - j0 : TILE;
+        if (K > 0) {
+            const float *t0 = t + j0;
+            for (int64_t j = 0; j < n; j++)
+                S[j] = (double)t0[j];
+        } else {
+            for (int64_t j = 0; j < n; j++)
+                S[j] = 0.0;
+        }
+        for (int64_t k = 1; k < K; k++) {
+            const float *tk = t + k * ldt + j0;
+            for (int64_t j = 0; j < n; j++)
+                S[j] += (double)tk[j];
+        }
+        for (int64_t j = 0; j < n; j++) {
+            flag[j] = S[j] > 0.0 ? 1.0f : -1.0f;
+            u[j] = 0.0f;
+        }
+        for (int64_t k = 0; k < K; k++) {
+            const float *tk = t + k * ldt + j0;
+            uint8_t *mk = masks + k * ldm + j0;
+            if (keep != NULL) {
+                const uint8_t *kk = keep + k * ldk + j0;
+                for (int64_t j = 0; j < n; j++) {
+                    const float p = tk[j] * flag[j];
+                    const int on = (p > 0.0f) & (kk[j] != 0);
+                    mk[j] = (uint8_t)on;
+                    u[j] = (on && p > u[j]) ? p : u[j];
+                }
+            } else {
+                for (int64_t j = 0; j < n; j++) {
+                    const float p = tk[j] * flag[j];
+                    const int on = p > 0.0f;
+                    mk[j] = (uint8_t)on;
+                    u[j] = (on && p > u[j]) ? p : u[j];
+                }
+            }
+        }
+        float *uo = uni + j0;
+        for (int64_t j = 0; j < n; j++)
+            uo[j] = u[j] * flag[j];
+        for (int64_t k = 0; k < K; k++) {
+            const uint8_t *mk = masks + k * ldm + j0;
+            float *o = mu + k * ldmu + j0;
+            for (int64_t j = 0; j < n; j++)
+                o[j] = mk[j] ? u[j] : 0.0f;
+        }
+    }
+}
+
+/* Block sums in the order of _buffers._block_sums: pairwise halving of a SUM_BLOCK-element block,
+   b[i] += b[i + s] for s = SUM_BLOCK/2, ..., 1, the sum being b[0].
+
+   The same tree, streamed: view the block as R = SUM_BLOCK / W rows of W lanes.  The levels with
+   s >= W pair rows r and r + s / W lane by lane, which is the adjacent pairwise tree over the rows
+   taken in bit-reversed order (rows 0, R/2, R/4, 3R/4, ...): a binary counter over that order
+   with a stack of partial rows builds it in registers.  The last log2(W) levels halve the W lanes.
+   IEEE addition is commutative, so only the tree (which values meet) decides the bits. */
+#define SUM_BLOCK 4096
+#define W 8
+#define R (SUM_BLOCK / W)
+#define RBITS 9
+
+static uint16_t bitrev[R];
+static int bitrev_ready;
+
+static void init_bitrev(void)
+{
+    if (bitrev_ready)
+        return;
+    for (int i = 0; i < R; i++) {
+        int r = 0;
+        for (int b = 0; b < RBITS; b++)
+            r |= ((i >> b) & 1) << (RBITS - 1 - b);
+        bitrev[i] = (uint16_t)r;
+    }
+    bitrev_ready = 1;
+}
+
+static inline double lanes(double *v)
+{
+    for (int s = W / 2; s >= 1; s >>= 1)
+        for (int l = 0; l < s; l++)
+            v[l] += v[l + s];
+    return v[0];
+}
+
+static inline __attribute__((always_inline)) void
+sums_op(const int op, int64_t K, int64_t nb, const float *x, int64_t ldx, double lam, double *out,
+        double *out2)
+{
+    double st[RBITS + 1][W], kst[RBITS + 1][W], v[W], kv[W];
+    for (int64_t k = 0; k < K; k++) {
+        for (int64_t blk = 0; blk < nb; blk++) {
+            const float *p = x + k * ldx + blk * SUM_BLOCK;
+            int top = 0;
+            /* the rows are visited out of order: fetch the next block in order meanwhile (the
+               hardware prefetcher cannot follow), so that it is in cache when its turn comes */
+            const float *next = p + ((blk + 1 < nb) ? SUM_BLOCK : (k + 1 < K ? ldx - blk * SUM_BLOCK : 0));
+            for (int i = 0; i < R; i++) {
+                if ((i & 1) == 0)
+                    __builtin_prefetch(next + (int64_t)i * W, 0, 3);
+                const float *row = p + (int64_t)bitrev[i] * W;
+                for (int l = 0; l < W; l++) {
+                    const double d = (double)row[l];
+                    v[l] = op == 0 ? d : op == 1 ? fabs(d) : d * d;
+                }
+                if (op == 3)
+                    for (int l = 0; l < W; l++)
+                        kv[l] = v[l] > lam ? v[l] : 0.0;
+                for (int c = i; c & 1; c >>= 1) {
+                    top--;
+                    for (int l = 0; l < W; l++)
+                        v[l] += st[top][l];
+                    if (op == 3)
+                        for (int l = 0; l < W; l++)
+                            kv[l] += kst[top][l];
+                }
+                for (int l = 0; l < W; l++)
+                    st[top][l] = v[l];
+                if (op == 3)
+                    for (int l = 0; l < W; l++)
+                        kst[top][l] = kv[l];
+                top++;
+            }
+            out[k * nb + blk] = lanes(st[0]);
+            if (op == 3)
+                out2[k * nb + blk] = lanes(kst[0]);
+        }
+    }
+}
+
+/* Float64 sums of f(x) over nb consecutive SUM_BLOCK-element blocks of each of K float32 rows
+   (row k at x + k * ldx): out[k * nb + b].  op 0: x, 1: |x|, 2: x * x, 3: x * x, and out2 gets
+   the sums of the squares above lam (those v = x * x with v > lam; TADrop's kept norm). */
+TADROP_CLONES
+void tadrop_block_sums(int64_t K, int64_t nb, const float *x, int64_t ldx, int op, double lam,
+                       double *out, double *out2)
+{
+    init_bitrev();
+    switch (op) {
+    case 0: sums_op(0, K, nb, x, ldx, lam, out, out2); break;
+    case 1: sums_op(1, K, nb, x, ldx, lam, out, out2); break;
+    case 2: sums_op(2, K, nb, x, ldx, lam, out, out2); break;
+    default: sums_op(3, K, nb, x, ldx, lam, out, out2); break;
+    }
+}

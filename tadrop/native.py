@@ -1,0 +1,135 @@
+"""The optional native kernels (tadrop/_native.c), loaded through ctypes.
+
+Why a native kernel at all: EMR's elect/mask/unify is ~15 elementwise torch operations per block,
+each a pass through memory; the C kernel reads a block once.  It is built at install time
+(setup.py) and optional: without it (no compiler, another platform, or TADROP_NATIVE=0) the
+torch path in methods.py runs and gives the same bits, which the tests check on both paths.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ENV = "TADROP_NATIVE"
+_lib = None
+_tried = False
+
+
+ABI = 1          # tadrop_native_abi() of a library this code can call; bump with any change
+
+
+def _candidates():
+    """Where a built library may lie: beside this file, then in the installed distribution (a Ray
+    job runs this code from its uploaded working_dir copy, which has sources but no build output)."""
+    here = Path(__file__).resolve().parent
+    yield here
+    try:
+        import importlib.metadata as md
+        import json
+        from urllib.parse import unquote, urlparse
+        dist = md.distribution("tadrop-merge")
+        url = json.loads(dist.read_text("direct_url.json") or "{}")
+        if url.get("dir_info", {}).get("editable") and url.get("url", "").startswith("file://"):
+            yield Path(unquote(urlparse(url["url"]).path)) / "tadrop"
+        for f in dist.files or ():
+            if f.name.startswith("_native") and f.parent.name == "tadrop":
+                yield Path(dist.locate_file(f)).resolve().parent
+    except Exception:  # noqa: BLE001 (no distribution metadata: only the copy beside this file)
+        return
+
+
+def _load():
+    seen = set()
+    for d in _candidates():
+        if d in seen:
+            continue
+        seen.add(d)
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            path = d / f"_native{suffix}"
+            if not path.exists():
+                continue
+            lib = ctypes.CDLL(str(path))
+            if lib.tadrop_native_abi() != ABI:
+                continue
+            i64, p = ctypes.c_int64, ctypes.c_void_p
+            lib.tadrop_emr_block.argtypes = [i64, i64, p, i64, p, i64, p, i64, p, p, i64]
+            lib.tadrop_emr_block.restype = None
+            lib.tadrop_block_sums.argtypes = [i64, i64, p, i64, ctypes.c_int, ctypes.c_double, p, p]
+            lib.tadrop_block_sums.restype = None
+            return lib
+    return None
+
+
+def lib():
+    """The loaded library, or None when it is not built or TADROP_NATIVE=0 turns it off."""
+    global _lib, _tried
+    if os.environ.get(ENV, "1").strip() in ("0", "off", "false", "no"):
+        return None
+    if not _tried:
+        try:
+            _lib = _load()
+        except OSError:
+            _lib = None
+        _tried = True
+    return _lib
+
+
+def available() -> bool:
+    return lib() is not None
+
+
+def where() -> str | None:
+    """Path of the loaded library (run.json records it), None when the torch path runs."""
+    L = lib()
+    return None if L is None else L._name
+
+
+def _rows_ok(x: torch.Tensor, dtype) -> bool:
+    return (x.device.type == "cpu" and x.dtype == dtype and x.dim() == 2
+            and (x.shape[1] <= 1 or x.stride(1) == 1))
+
+
+def emr_block(t2: torch.Tensor, keep: torch.Tensor | None, masks: torch.Tensor,
+              uni: torch.Tensor, mu: torch.Tensor) -> bool:
+    """EMR elect/mask/unify of one block by the C kernel (see _native.c); False when the kernel
+    is not there or the tensors are not CPU rows it can take (the caller runs the torch path).
+    t2 float32 [K, m], keep bool [K, m] or None, masks bool [K, m], uni float32 [m] contiguous,
+    mu float32 [K, m] (M_k * |tau_uni|)."""
+    L = lib()
+    if L is None or not (_rows_ok(t2, torch.float32) and _rows_ok(masks, torch.bool)
+                         and _rows_ok(mu, torch.float32) and uni.is_contiguous()
+                         and uni.dtype == torch.float32 and uni.device.type == "cpu"
+                         and (keep is None or _rows_ok(keep, torch.bool))):
+        return False
+    K, m = t2.shape
+    L.tadrop_emr_block(K, m, t2.data_ptr(), t2.stride(0), None if keep is None else keep.data_ptr(),
+                       0 if keep is None else keep.stride(0), masks.data_ptr(), masks.stride(0),
+                       uni.data_ptr(), mu.data_ptr(), mu.stride(0))
+    return True
+
+
+_OPS = {"sum": 0, "abs": 1, "square": 2}
+
+
+def block_sums(x: torch.Tensor, nb: int, block: int, op: str, lam: float | None = None):
+    """Float64 sums of f(x) over the first nb `block`-element blocks of each row of x (float32
+    [K, >= nb * block], CPU, unit inner stride), by the C kernel in the order of
+    `_buffers._block_sums` (pairwise halving): numpy float64 [K, nb], or None when the kernel
+    cannot take it.  op 'sum', 'abs', 'square'; with op 'square' and `lam`, a second [K, nb] array
+    of the sums of the squares v > lam is returned too (a pair)."""
+    L = lib()
+    if L is None or op not in _OPS or block != 4096 or not _rows_ok(x, torch.float32):
+        return None
+    K = x.shape[0]
+    out = np.empty((K, nb), dtype=np.float64)
+    pair = op == "square" and lam is not None
+    out2 = np.empty((K, nb), dtype=np.float64) if pair else None
+    L.tadrop_block_sums(K, nb, x.data_ptr(), x.stride(0) if K > 1 else 0, 3 if pair else _OPS[op],
+                        float(lam) if pair else 0.0, out.ctypes.data,
+                        out2.ctypes.data if pair else None)
+    return (out, out2) if pair else out

@@ -1,0 +1,101 @@
+"""The C kernels (tadrop/_native.c) against the torch path they replace: the same bits.
+
+TADROP_NATIVE=0 turns the kernels off in-process (tadrop.native.lib reads it at each call), so
+every case runs both paths on the same input and compares the raw bits (-0.0 included).
+"""
+import math
+
+import pytest
+import torch
+
+from tadrop import methods as M
+from tadrop import native
+from tadrop._buffers import SUM_BLOCK, Sum64, Sum64Rows, sumsq64, sumsq64_pair
+
+pytestmark = pytest.mark.skipif(not native.available(),
+                                reason="the native kernels are not built on this install")
+
+
+def both(monkeypatch, fn):
+    """(fn() with the C kernels, fn() with the torch path)."""
+    monkeypatch.setenv(native.ENV, "1")
+    fast = fn()
+    monkeypatch.setenv(native.ENV, "0")
+    slow = fn()
+    monkeypatch.delenv(native.ENV)
+    return fast, slow
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32) if t.dtype == torch.float32 else t
+
+
+def task_rows(K, m, seed, pad=37):
+    """float32 [K, m] rows with a row stride != m, exact zeros, -0.0 and sums that cancel."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(K, m + pad, generator=g) * 1e-3
+    t[:, ::5] = 0.0
+    t[:, 1::7] = -0.0
+    if K > 1:
+        t[0, 3::11] = -t[1, 3::11]            # sum_k exactly zero where K = 2 (flag -1)
+    t[:, 2::13] = t[:, 2::13].bfloat16().float()   # bf16 values: ties between tasks
+    return t[:, pad:]
+
+
+@pytest.mark.parametrize("K", [1, 2, 4, 7])
+@pytest.mark.parametrize("with_keep", [False, True])
+def test_emr_block_same_bits_as_torch(monkeypatch, K, with_keep):
+    m = 3 * 4096 + 555
+    t = task_rows(K, m, seed=K)
+    keep = (torch.rand(K, m, generator=torch.Generator().manual_seed(9)) < 0.7) if with_keep else None
+    fast, slow = both(monkeypatch, lambda: M.emr(t, keep=keep))
+    assert torch.equal(fast.masks, slow.masks)
+    assert torch.equal(bits(fast.tau_uni), bits(slow.tau_uni))
+    assert torch.equal(fast.abs_tau_sum, slow.abs_tau_sum)
+    assert torch.equal(fast.abs_uni_sum, slow.abs_uni_sum)
+    # and the values are EMR's (SPEC 2), whichever path ran
+    S = t.double().sum(0)
+    flag = torch.where(S > 0, 1.0, -1.0).float()
+    Mk = (t * flag > 0) if keep is None else (t * flag > 0) & keep
+    assert torch.equal(fast.masks, Mk)
+    assert torch.equal(fast.tau_uni, flag * (t.abs() * Mk).amax(0))
+
+
+@pytest.mark.parametrize("op", ["sum", "abs", "square"])
+@pytest.mark.parametrize("cuts", [[], [1], [4095, 1, 4096 * 2 + 7], [5000, 3]])
+def test_sum64_same_bits_as_torch(monkeypatch, op, cuts):
+    x = task_rows(1, 5 * SUM_BLOCK + 123, seed=3)[0].contiguous()
+
+    def run():
+        s, i = Sum64("cpu", op), 0
+        for c in cuts + [x.numel()]:
+            s.add(x[i:i + c])
+            i = min(x.numel(), i + c)
+        return s.value()
+    fast, slow = both(monkeypatch, run)
+    assert fast == slow
+    exact = math.fsum(abs(v) if op == "abs" else v * v if op == "square" else v
+                      for v in x.double().tolist())
+    assert fast == pytest.approx(exact, rel=1e-12, abs=1e-300)
+
+
+@pytest.mark.parametrize("op", ["sum", "abs"])
+def test_sum64rows_same_bits_as_torch(monkeypatch, op):
+    x = task_rows(3, 4 * SUM_BLOCK + 77, seed=4)
+
+    def run():
+        s = Sum64Rows(3, "cpu", op)
+        for a, b in [(0, 100), (100, 9000), (9000, x.shape[1])]:
+            s.add(x[:, a:b])
+        return [s.value(k) for k in range(3)]
+    fast, slow = both(monkeypatch, run)
+    assert fast == slow
+
+
+@pytest.mark.parametrize("q", [0.0, 0.3, 0.9])
+def test_sumsq64_pair_same_bits_as_torch(monkeypatch, q):
+    x = task_rows(1, 3 * SUM_BLOCK + 41, seed=5)[0].contiguous()
+    t = float(x.abs().quantile(q)) if q else None
+    fast, slow = both(monkeypatch, lambda: sumsq64_pair(x, t))
+    assert fast == slow
+    assert fast[0] == sumsq64(x)
