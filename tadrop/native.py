@@ -61,6 +61,10 @@ def _load():
             lib.tadrop_emr_block.restype = None
             lib.tadrop_block_sums.argtypes = [i64, i64, p, i64, ctypes.c_int, ctypes.c_double, p, p]
             lib.tadrop_block_sums.restype = None
+            lib.tadrop_abs_hist_hi.argtypes = [p, i64, p]
+            lib.tadrop_abs_hist_hi.restype = ctypes.c_int
+            lib.tadrop_abs_hist_lo.argtypes = [p, i64, p, i64, p]
+            lib.tadrop_abs_hist_lo.restype = ctypes.c_int
             return lib
     return None
 

@@ -1,17 +1,21 @@
 """Exact order statistics of |x| for one whole CPU tensor, by whichever exact method is faster here.
 
-Two exact methods give the same answers bit for bit (the k-th smallest |x| is one
+Three exact methods give the same answers bit for bit (the k-th smallest |x| is one
 float32 of the data, and counts are counts):
   - radix selection on float32 bit patterns (quantile.AbsSelector): mergeable
     histograms, so it is the only choice when a tensor is read in row chunks or
     one task's statistics span the model (model scope);
   - numpy's partition (introselect; SIMD-sorted on CPUs numpy 2 has kernels for)
     on a copy of |x|: no merging, but on a whole tensor that fits it can be the
-    faster of the two, by a factor that changes from one CPU to the next.
-Which one wins is a property of the machine, not of the code, so `whole_method`
-decides it by measurement: once per process and query kind it times both on a
-fixed 2^21-element sample (interleaved, best CPU time of three), about 0.1 s.
-TADROP_SELECT=radix|partition forces a method (tests, benchmarks).
+    faster, by a factor that changes from one CPU to the next;
+  - native counting (NativeOrder, C kernels of native.py): the same two histograms as
+    the radix method in two passes, no copy, indifferent to long runs of equal values
+    (which slow a quickselect many-fold); only where the kernels are built.
+Which one wins is a property of the machine and of the data, not of the code, so
+`whole_method` decides it by measurement: once per process and query kind it times each on a
+fixed 2^21-element sample, half Gaussian, half a bf16 fine-tune's task vector (interleaved,
+best CPU time of three), a few tenths of a second.
+TADROP_SELECT=radix|partition|native forces a method (tests, benchmarks).
 """
 from __future__ import annotations
 
@@ -24,10 +28,11 @@ import time
 import numpy as np
 import torch
 
+from . import native
 from ._buffers import CACHE_BLOCK, scratch
 from .quantile import AbsSelector, NonFiniteError, linear_ranks, numpy_lerp
 
-METHODS = ("radix", "partition")
+METHODS = ("radix", "partition", "native")
 ENV = "TADROP_SELECT"
 _CAL_N = 1 << 21
 _BLOCK = CACHE_BLOCK  # passes over the data in cache-sized blocks (no tensor-sized temporaries)
@@ -157,6 +162,100 @@ class AbsOrder:
         return numpy_lerp(self.value(lo), self.value(hi), t)
 
 
+class NativeOrder:
+    """AbsOrder's answers (the same bits) by counting, in the C kernels (native.py): a histogram
+    of the top 16 bits of |x|'s float32 patterns, then, for the buckets that hold the ranks asked,
+    histograms of the low 16 bits.  Two passes over x, no copy of it, and heavy ties cost nothing
+    extra.  `prepare(ranks)` settles several ranks' buckets in one pass over x."""
+
+    _LO = 1 << 16
+    _HI = 1 << 15          # buckets: the top 16 bits of |x| (sign bit clear)
+
+    def __init__(self, x: torch.Tensor, on_block=None):
+        x = x.reshape(-1)
+        if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+            raise ValueError("NativeOrder needs a contiguous float32 CPU tensor")
+        self._lib = native.lib()
+        if self._lib is None:
+            raise RuntimeError("NativeOrder needs tadrop's native kernels")
+        self.n, self._x = x.numel(), x
+        hist = np.zeros(self._HI, dtype=np.int64)
+        err = self._lib.tadrop_abs_hist_hi(x.data_ptr(), self.n, hist.ctypes.data)
+        if err == 1:
+            raise NonFiniteError("non-finite value (NaN or Inf)")
+        if err:
+            raise MemoryError("tadrop_abs_hist_hi: out of memory")
+        if on_block is not None:
+            for j in range(0, self.n, _BLOCK):
+                on_block(x[j:j + _BLOCK])
+        self._cum = np.cumsum(hist)                  # elements in buckets <= b
+        self._lo: dict[int, np.ndarray] = {}         # bucket -> low-bits histogram
+        self._cum_lo: dict[int, np.ndarray] = {}     # its cumulative sums, when asked
+
+    def _bucket(self, rank: int) -> int:
+        return int(np.searchsorted(self._cum, rank, "right"))
+
+    def _below(self, b: int) -> int:
+        return int(self._cum[b - 1]) if b else 0
+
+    def prepare(self, ranks, between: tuple[int, int] | None = None) -> None:
+        """Counts the low bits of every bucket holding one of `ranks`, and of every bucket from
+        the one holding between[0] to the one holding between[1] (one pass over x)."""
+        want = {self._bucket(int(r)) for r in ranks if 0 <= int(r) < self.n}
+        if between is not None and 0 <= between[0] <= between[1] < self.n:
+            want.update(range(self._bucket(between[0]), self._bucket(between[1]) + 1))
+        todo = sorted(want - set(self._lo))
+        for i in range(0, len(todo), 16):
+            part = todo[i:i + 16]
+            slot = np.full(self._HI, 0xFF, dtype=np.uint8)
+            slot[part] = np.arange(len(part), dtype=np.uint8)
+            lo = np.zeros((len(part), self._LO), dtype=np.int64)
+            if self._lib.tadrop_abs_hist_lo(self._x.data_ptr(), self.n, slot.ctypes.data, len(part),
+                                            lo.ctypes.data):
+                raise MemoryError("tadrop_abs_hist_lo: out of memory")
+            for j, b in enumerate(part):
+                self._lo[b] = lo[j]
+                self._cum_lo.pop(b, None)
+
+    def _lo_cum(self, b: int) -> np.ndarray:
+        c = self._cum_lo.get(b)
+        if c is None:
+            c = self._cum_lo[b] = np.cumsum(self._lo[b])
+        return c
+
+    def _place(self, rank: int) -> tuple[int, int]:
+        """(bucket, low bits) of the rank-th smallest |x|."""
+        rank = int(rank)
+        if not 0 <= rank < self.n:
+            raise IndexError(f"rank {rank} outside [0, {self.n})")
+        b = self._bucket(rank)
+        if b not in self._lo:
+            self.prepare([rank])
+        return b, int(np.searchsorted(self._lo_cum(b), rank - self._below(b), "right"))
+
+    def value(self, rank: int) -> float:
+        """Exact float32 value of the rank-th (0-based) smallest |x|."""
+        b, lo = self._place(rank)
+        return float(np.array([(b << 16) | lo], dtype=np.uint32).view(np.float32)[0])
+
+    def count_below(self, rank: int) -> int:
+        """Number of elements with |x| strictly below the rank-th smallest |x|."""
+        b, lo = self._place(rank)
+        return self._below(b) + (int(self._lo_cum(b)[lo - 1]) if lo else 0)
+
+    def bucket_range(self, rank: int) -> tuple[float, float]:
+        """Bounds [lo, hi] on the rank-th smallest |x| from the first histogram alone."""
+        b = self._bucket(int(rank))
+        v = np.array([b << 16, (b << 16) | 0xFFFF], dtype=np.uint32).view(np.float32)
+        return float(v[0]), float(v[1])
+
+    def quantile(self, p: float) -> float:
+        """numpy 'linear' quantile of |x| (as AbsSelector.quantile)."""
+        lo, hi, t = linear_ranks(self.n, p)
+        self.prepare([lo, hi])
+        return numpy_lerp(self.value(lo), self.value(hi), t)
+
+
 # ---- choosing ----------------------------------------------------------------------
 
 def _radix_query(x: torch.Tensor, kind: str) -> None:
@@ -187,32 +286,65 @@ def _partition_query(x: torch.Tensor, kind: str) -> None:
     o.count_below(r)
 
 
-def _calibrate(kind: str) -> str:
+def _native_query(x: torch.Tensor, kind: str) -> None:
+    o = NativeOrder(x)
+    n = o.n
+    if kind == "tadrop":
+        o.prepare(list(linear_ranks(n, 0.5)[:2]) + list(linear_ranks(n, 0.95)[:2]) + [n // 3])
+        o.quantile(0.95), o.quantile(0.5)
+        r = n // 3
+    else:
+        r = n - n // 5
+    o.count_below(r)
+
+
+def _samples() -> list[torch.Tensor]:
+    """Half Gaussian (float32 checkpoints), half what a bf16 LLM fine-tune gives: weights of
+    std 0.02 moved by ~1e-3, both rounded to bf16, so tau holds few distinct values (multiples
+    of the weights' ulps) in long runs, zeros included; each 2^20 elements."""
     g = torch.Generator().manual_seed(12345)
-    x = torch.randn(_CAL_N, generator=g).mul_(1e-3)
-    best = {m: math.inf for m in METHODS}
-    query = {"radix": _radix_query, "partition": _partition_query}
-    for m in METHODS:                          # warm-up: scratch buffers, code paths
-        query[m](x, kind)
-    for _ in range(3):                         # interleaved, so a burst of load hits both
-        for m in METHODS:
-            t0 = time.thread_time()
+    half = _CAL_N // 2
+    gauss = torch.randn(half, generator=g).mul_(1e-3)
+    base = (torch.randn(half, generator=g) * 0.02).bfloat16()
+    tied = (base.float() + torch.randn(half, generator=g) * 1e-3).bfloat16().float() - base.float()
+    return [gauss, tied]
+
+
+def available_methods() -> tuple[str, ...]:
+    return METHODS if native.available() else tuple(m for m in METHODS if m != "native")
+
+
+def _calibrate(kind: str) -> str:
+    xs = _samples()
+    methods = available_methods()
+    best = {m: math.inf for m in methods}
+    query = {"radix": _radix_query, "partition": _partition_query, "native": _native_query}
+    for m in methods:                          # warm-up: scratch buffers, code paths
+        for x in xs:
             query[m](x, kind)
+    for _ in range(3):                         # interleaved, so a burst of load hits all alike
+        for m in methods:
+            t0 = time.thread_time()
+            for x in xs:
+                query[m](x, kind)
             best[m] = min(best[m], time.thread_time() - t0)
-    _timings[kind] = {m: best[m] / _CAL_N * 1e9 for m in METHODS}
-    return min(METHODS, key=lambda m: best[m])
+    _timings[kind] = {m: best[m] / _CAL_N * 1e9 for m in methods}
+    return min(methods, key=lambda m: best[m])
 
 
 def whole_method(kind: str = "tadrop", device="cpu") -> str:
-    """'radix' or 'partition' for a whole tensor on `device`; kind 'tadrop' (two
+    """'radix', 'partition' or 'native' for a whole tensor on `device`; kind 'tadrop' (two
     quantiles and a threshold) or 'one' (a single rank, e.g. top-k)."""
     if torch.device(device).type != "cpu":
         return "radix"
     forced = os.environ.get(ENV, "auto").strip().lower()
-    if forced in METHODS:
+    if forced in available_methods():
         return forced
+    if forced == "native":
+        raise ValueError(f"{ENV}=native: tadrop's native kernels are not built on this install "
+                         "(a C compiler at install time builds them; see README)")
     if forced not in ("", "auto"):
-        raise ValueError(f"{ENV}={forced!r}: expected auto|radix|partition")
+        raise ValueError(f"{ENV}={forced!r}: expected auto|radix|partition|native")
     m = _chosen.get(kind)
     if m is None:
         with _lock:

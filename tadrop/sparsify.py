@@ -23,8 +23,8 @@ import torch
 
 from . import _bools as B
 from ._buffers import CACHE_BLOCK, Sum64, scratch, sumsq64, sumsq64_pair
-from .quantile import AbsSelector, NonFiniteError, prev_float32
-from .select import AbsOrder, whole_method
+from .quantile import AbsSelector, NonFiniteError, linear_ranks, prev_float32
+from .select import AbsOrder, NativeOrder, whole_method
 
 Chunks = Callable[[], Iterable[torch.Tensor]]
 
@@ -280,9 +280,11 @@ class TADrop(Sparsifier):
         may take both norms from one pass after the threshold (`_fit_partition`)."""
         if self.scope == "global_threshold" and global_value is not None:
             return self._fit_threshold(chunks, n, global_value, norm_of_kept)
-        if whole is not None and n and whole_method(
-                "tadrop" if global_value is None else "one", whole.device) == "partition":
-            return self._fit_partition(whole, n, global_value, None if pair else norm_of_kept)
+        method = whole_method("tadrop" if global_value is None else "one", whole.device) \
+            if whole is not None and n else "radix"
+        if method != "radix":
+            return self._fit_partition(whole, n, global_value, None if pair else norm_of_kept,
+                                       NativeOrder if method == "native" else AbsOrder)
         sel, acc = AbsSelector(), None
         for c in chunks():
             c = _flat(c)
@@ -304,27 +306,41 @@ class TADrop(Sparsifier):
             d = min(max(float(global_value), 0.0), 1.0)
         return self._finish(n, S, qa, qb, d, lambda k: _threshold(sel, chunks, k), norm_of_kept)
 
-    def _fit_partition(self, whole, n, global_value, norm_of_kept) -> SparsifyStats:
-        """The same fit on a whole CPU tensor by numpy partition (select.py): same bits.
-        norm_of_kept None: ||tau||^2 and ||tau_hat||^2 come from one pass once the threshold is
-        known (`sumsq64_pair`), else ||tau||^2 is summed while |tau| is stored."""
+    def _fit_partition(self, whole, n, global_value, norm_of_kept, Order=AbsOrder) -> SparsifyStats:
+        """The same fit on a whole CPU tensor by numpy partition or by native counting (select.py):
+        same bits.  norm_of_kept None: ||tau||^2 and ||tau_hat||^2 come from one pass once the
+        threshold is known (`sumsq64_pair`), else ||tau||^2 is summed while |tau| is read."""
         flat = _flat(whole)
         pair = S = None
         if norm_of_kept is None:
-            order = AbsOrder(flat)                 # raises NonFiniteError as the radix histogram would
+            order = Order(flat)                    # raises NonFiniteError as the radix histogram would
             pair = lambda t: sumsq64_pair(flat, t)  # noqa: E731
         else:
             acc = Sum64(flat.device, "square")
-            order = AbsOrder(flat, on_block=acc.add)
+            order = Order(flat, on_block=acc.add)
             S = acc.value()
         qa = qb = None
         if global_value is None:
+            if isinstance(order, NativeOrder):     # the quantiles and the likely threshold: one pass
+                order.prepare(*self._native_ranks(order, n))
             qb, qa = order.quantile(self.b), order.quantile(self.a)   # larger rank first: less to scan
             d = self._d(qa, qb)
         else:
             d = min(max(float(global_value), 0.0), 1.0)
         return self._finish(n, S, qa, qb, d, lambda k: (order.value(k), n - order.count_below(k)),
                             norm_of_kept, pair=pair)
+
+    def _native_ranks(self, order: NativeOrder, n: int):
+        """The quantiles' ranks, and the range the threshold's rank floor(d n) can take given the
+        buckets that hold the quantiles, when it spans few buckets (so that one counting pass
+        usually serves the quantiles and the threshold)."""
+        (a0, a1, _), (b0, b1, _) = linear_ranks(n, self.a), linear_ranks(n, self.b)
+        qa_lo, qa_hi = order.bucket_range(a0)[0], order.bucket_range(a1)[1]
+        qb_lo, qb_hi = order.bucket_range(b0)[0], order.bucket_range(b1)[1]
+        k_lo = math.floor(self._d(qa_lo, qb_hi) * n)
+        k_hi = math.floor(self._d(qa_hi, qb_lo) * n)
+        few = 0 <= k_lo <= k_hi < n and order._bucket(k_hi) - order._bucket(k_lo) < 8
+        return [a0, a1, b0, b1], ((k_lo, k_hi) if few else None)
 
     def _fit_threshold(self, chunks, n, global_value, norm_of_kept) -> SparsifyStats:
         """global_threshold: the task's model-wide (d, t) given; this tensor keeps |tau| >= t."""
@@ -451,8 +467,9 @@ class TopK(Sparsifier):
     def fit(self, tau, *, global_value=None):
         flat = _flat(tau)
         n = flat.numel()
-        if n and global_value is None and whole_method("one", flat.device) == "partition":
-            order = AbsOrder(flat)          # exact, same answer as the radix path (select.py)
+        method = whole_method("one", flat.device) if n and global_value is None else "radix"
+        if method != "radix":               # exact, same answer as the radix path (select.py)
+            order = (NativeOrder if method == "native" else AbsOrder)(flat)
             k = self._rank(n)
             kept = n - order.count_below(k)
             return SparsifyStats(numel=n, drop_rate=(n - kept) / n, k=k, threshold=order.value(k),
