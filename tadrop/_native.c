@@ -23,7 +23,7 @@ AVX-512, AVX2 and the baseline, and the loader picks the best the CPU has (targe
 
 #define TILE 512
 
-int tadrop_native_abi(void) { return 1; }
+int tadrop_native_abi(void) { return 2; }
 
 /* EMR elect / mask / unify on one block of m elements of K task rows (official
    harveyhuang18/EMR_Merging `emr_merge`, SPEC 2; methods.emr is the torch path):
@@ -87,6 +87,53 @@ void tadrop_emr_block(int64_t K, int64_t m, const float *t, int64_t ldt, const u
             float *o = mu + k * ldmu + j0;
             for (int64_t j = 0; j < n; j++)
                 o[j] = mk[j] ? u[j] : 0.0f;
+        }
+    }
+}
+
+/* TIES merged tensor on one block of m elements of K task rows (SPEC 2; methods.ties is the
+   torch path):
+     S_j    = sum_k t[k][j] in float64, task order     (s = +1 where S_j >= 0, else -1)
+     a_k,j  = relu(t[k][j] * s)   (torch's relu: -0.0 stays -0.0, negatives give +0.0)
+     v_j    = (sum_k a_k,j in float64, task order) / max(1, #{k : a_k,j > 0}) * s
+     out_j  = (float)(v_j * lam + base_j)                (float64, rounded once) */
+TADROP_CLONES
+void tadrop_ties_block(int64_t K, int64_t m, const float *t, int64_t ldt, const float *base,
+                       double lam, float *out)
+{
+    double S[TILE], num[TILE];
+    float sg[TILE], cnt[TILE];
+    for (int64_t j0 = 0; j0 < m; j0 += TILE) {
+        const int64_t n = (m - j0 < TILE) ? m - j0 : TILE;
+        for (int64_t j = 0; j < n; j++)
+            S[j] = K > 0 ? (double)t[j0 + j] : 0.0;
+        for (int64_t k = 1; k < K; k++) {
+            const float *tk = t + k * ldt + j0;
+            for (int64_t j = 0; j < n; j++)
+                S[j] += (double)tk[j];
+        }
+        for (int64_t j = 0; j < n; j++)
+            sg[j] = S[j] >= 0.0 ? 1.0f : -1.0f;
+        for (int64_t k = 0; k < K; k++) {
+            const float *tk = t + k * ldt + j0;
+            for (int64_t j = 0; j < n; j++) {
+                const float p = tk[j] * sg[j];
+                const float a = p < 0.0f ? 0.0f : p;
+                if (k == 0) {
+                    num[j] = (double)a;
+                    cnt[j] = a > 0.0f ? 1.0f : 0.0f;
+                } else {
+                    num[j] += (double)a;
+                    cnt[j] += a > 0.0f ? 1.0f : 0.0f;
+                }
+            }
+        }
+        float *o = out + j0;
+        const float *b = base + j0;
+        for (int64_t j = 0; j < n; j++) {
+            const double c = K > 0 ? (double)(cnt[j] < 1.0f ? 1.0f : cnt[j]) : 1.0;
+            const double v = (K > 0 ? num[j] : 0.0) / c * (double)sg[j];
+            o[j] = (float)(v * lam + (double)b[j]);
         }
     }
 }

@@ -80,8 +80,12 @@ def ties_vector(taus, *, out=None) -> torch.Tensor:
 
 
 def ties(base, taus, lam, *, out=None) -> torch.Tensor:
-    """theta_0 + lam * ties_vector (in float64, rounded once)."""
-    return _base_plus(base, _ties_mean64(_flat_tasks(taus)), lam, out)
+    """theta_0 + lam * ties_vector (in float64, rounded once); one fused pass in the C kernel
+    where it is built (the same bits)."""
+    o = _out(out, base.shape, torch.float32, base.device)
+    if native.ties_block(_flat_tasks(taus), base.reshape(-1), lam, o.view(-1)):
+        return o
+    return _base_plus(base, _ties_mean64(_flat_tasks(taus)), lam, o)
 
 
 def _official_trimmed(taus, keep) -> torch.Tensor:

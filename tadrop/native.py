@@ -20,7 +20,7 @@ _lib = None
 _tried = False
 
 
-ABI = 1          # tadrop_native_abi() of a library this code can call; bump with any change
+ABI = 2          # tadrop_native_abi() of a library this code can call; bump with any change
 
 
 def _candidates():
@@ -54,11 +54,16 @@ def _load():
             if not path.exists():
                 continue
             lib = ctypes.CDLL(str(path))
-            if lib.tadrop_native_abi() != ABI:
+            try:
+                if lib.tadrop_native_abi() != ABI:
+                    continue
+            except AttributeError:
                 continue
             i64, p = ctypes.c_int64, ctypes.c_void_p
             lib.tadrop_emr_block.argtypes = [i64, i64, p, i64, p, i64, p, i64, p, p, i64]
             lib.tadrop_emr_block.restype = None
+            lib.tadrop_ties_block.argtypes = [i64, i64, p, i64, p, ctypes.c_double, p]
+            lib.tadrop_ties_block.restype = None
             lib.tadrop_block_sums.argtypes = [i64, i64, p, i64, ctypes.c_int, ctypes.c_double, p, p]
             lib.tadrop_block_sums.restype = None
             lib.tadrop_abs_hist_hi.argtypes = [p, i64, p]
@@ -114,6 +119,21 @@ def emr_block(t2: torch.Tensor, keep: torch.Tensor | None, masks: torch.Tensor,
     L.tadrop_emr_block(K, m, t2.data_ptr(), t2.stride(0), None if keep is None else keep.data_ptr(),
                        0 if keep is None else keep.stride(0), masks.data_ptr(), masks.stride(0),
                        uni.data_ptr(), mu.data_ptr(), mu.stride(0))
+    return True
+
+
+def ties_block(t2: torch.Tensor, base: torch.Tensor, lam: float, out: torch.Tensor) -> bool:
+    """TIES merged tensor of one block, theta_0 + lam * (elect + disjoint mean), by the C kernel
+    (see _native.c); False when it cannot take these tensors (the caller runs the torch path).
+    t2 float32 [K, m] rows, base and out float32 [m] contiguous."""
+    L = lib()
+    if L is None or not (_rows_ok(t2, torch.float32) and t2.shape[0] > 0
+                         and all(v.dtype == torch.float32 and v.device.type == "cpu"
+                                 and v.is_contiguous() and v.numel() == t2.shape[1]
+                                 for v in (base, out))):
+        return False
+    L.tadrop_ties_block(t2.shape[0], t2.shape[1], t2.data_ptr(), t2.stride(0), base.data_ptr(),
+                        float(lam), out.data_ptr())
     return True
 
 

@@ -99,3 +99,22 @@ def test_sumsq64_pair_same_bits_as_torch(monkeypatch, q):
     fast, slow = both(monkeypatch, lambda: sumsq64_pair(x, t))
     assert fast == slow
     assert fast[0] == sumsq64(x)
+
+
+@pytest.mark.parametrize("K", [1, 2, 4, 7])
+@pytest.mark.parametrize("lam", [1.0, 0.37])
+def test_ties_block_same_bits_as_torch(monkeypatch, K, lam):
+    m = 2 * 4096 + 999
+    t = task_rows(K, m, seed=10 + K)
+    g = torch.Generator().manual_seed(K)
+    base = torch.randn(m, generator=g) * 0.02
+    base[::9] = -0.0                                   # -0.0 + a zero update: the sign of zero shows
+    base[1::9] = 0.0
+    fast, slow = both(monkeypatch, lambda: M.ties(base, t, lam))
+    assert torch.equal(bits(fast), bits(slow))
+    # and the value is TIES' (SPEC 2)
+    S = t.double().sum(0)
+    s = torch.where(S >= 0, 1.0, -1.0).double()
+    agree = (t.double() * s > 0)
+    mean = (t.double() * agree).sum(0) / agree.sum(0).clamp(min=1)   # signed: the elected sign
+    assert torch.allclose(fast.double(), base.double() + lam * mean, rtol=0, atol=1e-7)
