@@ -139,83 +139,46 @@ void tadrop_ties_block(int64_t K, int64_t m, const float *t, int64_t ldt, const 
 }
 
 /* Block sums in the order of _buffers._block_sums: pairwise halving of a SUM_BLOCK-element block,
-   b[i] += b[i + s] for s = SUM_BLOCK/2, ..., 1, the sum being b[0].
-
-   The same tree, streamed: view the block as R = SUM_BLOCK / W rows of W lanes.  The levels with
-   s >= W pair rows r and r + s / W lane by lane, which is the adjacent pairwise tree over the rows
-   taken in bit-reversed order (rows 0, R/2, R/4, 3R/4, ...): a binary counter over that order
-   with a stack of partial rows builds it in registers.  The last log2(W) levels halve the W lanes.
-   IEEE addition is commutative, so only the tree (which values meet) decides the bits. */
+   b[i] += b[i + s] for s = SUM_BLOCK/2, ..., 1, the sum being b[0].  The first level is taken
+   straight from the input (two sequential streams), the others in an L1-resident buffer; every
+   level is a contiguous vectorised loop.  IEEE addition is commutative, so only the tree (which
+   values meet) decides the bits. */
 #define SUM_BLOCK 4096
-#define W 8
-#define R (SUM_BLOCK / W)
-#define RBITS 9
+#define HALF (SUM_BLOCK / 2)
 
-static uint16_t bitrev[R];
-static int bitrev_ready;
-
-static void init_bitrev(void)
+static inline double halve_rest(double *b)
 {
-    if (bitrev_ready)
-        return;
-    for (int i = 0; i < R; i++) {
-        int r = 0;
-        for (int b = 0; b < RBITS; b++)
-            r |= ((i >> b) & 1) << (RBITS - 1 - b);
-        bitrev[i] = (uint16_t)r;
-    }
-    bitrev_ready = 1;
+    for (int64_t s = HALF / 2; s >= 1; s >>= 1)
+        for (int64_t i = 0; i < s; i++)
+            b[i] += b[i + s];
+    return b[0];
 }
 
-static inline double lanes(double *v)
+static inline __attribute__((always_inline)) double f_op(const int op, const float x)
 {
-    for (int s = W / 2; s >= 1; s >>= 1)
-        for (int l = 0; l < s; l++)
-            v[l] += v[l + s];
-    return v[0];
+    const double d = (double)x;
+    return op == 0 ? d : op == 1 ? fabs(d) : d * d;
 }
 
 static inline __attribute__((always_inline)) void
 sums_op(const int op, int64_t K, int64_t nb, const float *x, int64_t ldx, double lam, double *out,
         double *out2)
 {
-    double st[RBITS + 1][W], kst[RBITS + 1][W], v[W], kv[W];
+    double b[HALF], kb[HALF];
     for (int64_t k = 0; k < K; k++) {
         for (int64_t blk = 0; blk < nb; blk++) {
             const float *p = x + k * ldx + blk * SUM_BLOCK;
-            int top = 0;
-            /* the rows are visited out of order: fetch the next block in order meanwhile (the
-               hardware prefetcher cannot follow), so that it is in cache when its turn comes */
-            const float *next = p + ((blk + 1 < nb) ? SUM_BLOCK : (k + 1 < K ? ldx - blk * SUM_BLOCK : 0));
-            for (int i = 0; i < R; i++) {
-                if ((i & 1) == 0)
-                    __builtin_prefetch(next + (int64_t)i * W, 0, 3);
-                const float *row = p + (int64_t)bitrev[i] * W;
-                for (int l = 0; l < W; l++) {
-                    const double d = (double)row[l];
-                    v[l] = op == 0 ? d : op == 1 ? fabs(d) : d * d;
+            for (int64_t i = 0; i < HALF; i++)
+                b[i] = f_op(op, p[i]) + f_op(op, p[i + HALF]);
+            if (op == 3) {
+                for (int64_t i = 0; i < HALF; i++) {
+                    const double u = f_op(op, p[i]), v = f_op(op, p[i + HALF]);
+                    kb[i] = (u > lam ? u : 0.0) + (v > lam ? v : 0.0);
                 }
-                if (op == 3)
-                    for (int l = 0; l < W; l++)
-                        kv[l] = v[l] > lam ? v[l] : 0.0;
-                for (int c = i; c & 1; c >>= 1) {
-                    top--;
-                    for (int l = 0; l < W; l++)
-                        v[l] += st[top][l];
-                    if (op == 3)
-                        for (int l = 0; l < W; l++)
-                            kv[l] += kst[top][l];
-                }
-                for (int l = 0; l < W; l++)
-                    st[top][l] = v[l];
-                if (op == 3)
-                    for (int l = 0; l < W; l++)
-                        kst[top][l] = kv[l];
-                top++;
             }
-            out[k * nb + blk] = lanes(st[0]);
+            out[k * nb + blk] = halve_rest(b);
             if (op == 3)
-                out2[k * nb + blk] = lanes(kst[0]);
+                out2[k * nb + blk] = halve_rest(kb);
         }
     }
 }
@@ -227,7 +190,6 @@ TADROP_CLONES
 void tadrop_block_sums(int64_t K, int64_t nb, const float *x, int64_t ldx, int op, double lam,
                        double *out, double *out2)
 {
-    init_bitrev();
     switch (op) {
     case 0: sums_op(0, K, nb, x, ldx, lam, out, out2); break;
     case 1: sums_op(1, K, nb, x, ldx, lam, out, out2); break;
