@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tadrop import (AbsSelector, MemorySink, MemorySource, MergeSpec, TADrop, TopK,  # noqa: E402
                     merge_tensor, plan_tensor)
 from tadrop import _bools as B  # noqa: E402
-from tadrop import select  # noqa: E402
+from tadrop import native, select  # noqa: E402
 from tadrop.sparsify import ChunkKey  # noqa: E402
 
 TARGET_RATIO = 1.2
@@ -85,6 +85,11 @@ def radix_one(x, r):
 
 def partition_one(x, r):
     o = select.AbsOrder(x)
+    return o.value(r), o.count_below(r)
+
+
+def native_one(x, r):
+    o = select.NativeOrder(x)
     return o.value(r), o.count_below(r)
 
 
@@ -170,6 +175,8 @@ def main() -> None:
     results["engine_choice"] = {"chosen": chosen, "calibration": select.calibration()}
 
     steps = []
+    has_native = "native" in select.available_methods()
+    results["native_kernels"] = native.where()
     xt = tied_task_vector(shape)
     r = n - n // 5
     for data, label in ((x, "Gaussian"), (xt, "bf16 task vector, 40% zeros")):
@@ -177,17 +184,24 @@ def main() -> None:
         want = partition_one(data, r)
         assert radix_one(data, r) == want == no_probe(lambda: partition_one(data, r))()
         assert float(torch.kthvalue(data.abs(), r + 1).values) == want[0]
-        t = interleaved({"radix": lambda: radix_one(data, r), "partition": lambda: partition_one(data, r),
-                         "partition, no probe": no_probe(lambda: partition_one(data, r)),
-                         "torch.kthvalue": lambda: torch.kthvalue(data.abs(), r + 1)}, args.repeats)
+        fns = {"radix": lambda: radix_one(data, r), "partition": lambda: partition_one(data, r),
+               "partition, no probe": no_probe(lambda: partition_one(data, r)),
+               "torch.kthvalue": lambda: torch.kthvalue(data.abs(), r + 1)}
+        if has_native:
+            assert native_one(data, r) == want
+            fns["native"] = lambda: native_one(data, r)
+        t = interleaved(fns, args.repeats)
         steps.append((f"top-k threshold (one rank), whole tensor, {label}", n, t, chosen["one"]))
         # 2. TADrop statistics, whole tensor
         want = tadrop_stats(data, "partition")
         assert tadrop_stats(data, "radix") == want == no_probe(lambda: tadrop_stats(data, "partition"))()
-        t = interleaved({"radix": lambda: tadrop_stats(data, "radix"),
-                         "partition": lambda: tadrop_stats(data, "partition"),
-                         "partition, no probe": no_probe(lambda: tadrop_stats(data, "partition"))},
-                        args.repeats)
+        fns = {"radix": lambda: tadrop_stats(data, "radix"),
+               "partition": lambda: tadrop_stats(data, "partition"),
+               "partition, no probe": no_probe(lambda: tadrop_stats(data, "partition"))}
+        if has_native:
+            assert tadrop_stats(data, "native") == want
+            fns["native"] = lambda: tadrop_stats(data, "native")
+        t = interleaved(fns, args.repeats)
         steps.append((f"TADrop Q0.5, Q0.95, threshold, kept; whole tensor, {label}", n, t, chosen["tadrop"]))
     # 3. the same in 8 row chunks: histograms merge, a partition would need the whole copy
     assert tadrop_stats(x, "radix", 8) == tadrop_stats(x, "partition")
@@ -306,18 +320,21 @@ def render(r: dict) -> str:
         f"(tadrop/select.py; here: top-k {r['engine_choice']['chosen']['one']}, "
         f"TADrop {r['engine_choice']['chosen']['tadrop']}).",
         "",
-        "| step | radix select | numpy.partition | numpy.partition, no probe | torch.kthvalue | taken | taken / fastest |",
-        "| --- | ---: | ---: | ---: | ---: | --- | ---: |",
+        "| step | radix select | numpy.partition | numpy.partition, no probe | torch.kthvalue | native counting | taken | taken / fastest |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for s in r["selection"]:
         c = s["cpu_ns_per_element"]
         cell = lambda m: (f"**{c[m]:.2f}**" if m == s["fastest"] else f"{c[m]:.2f}") if m in c else "-"  # noqa: E731
         lines.append(f"| {s['step']} | {cell('radix')} | {cell('partition')} | {cell('partition, no probe')} | "
-                     f"{cell('torch.kthvalue')} | {s['taken']} | {s['ratio_to_fastest']:.2f} |")
+                     f"{cell('torch.kthvalue')} | {cell('native')} | {s['taken']} | {s['ratio_to_fastest']:.2f} |")
     lines += ["", "`numpy.partition` is the engine's partition path (tadrop/select.py AbsOrder: blockwise |x|, "
               "and a sampled probe that settles a rank lying inside a long run of equal values by two "
               "counting passes); `no probe` is the same with the probe off: numpy's introselect alone, which "
-              "slows down many-fold when the rank falls inside such a run (bf16 task vectors have them).",
+              "slows down many-fold when the rank falls inside such a run (bf16 task vectors have them). "
+              "`native counting` is tadrop/select.py NativeOrder: two C passes counting |x|'s float32 bit "
+              "patterns (top 16 bits, then the low 16 bits of the buckets asked), no copy, indifferent to "
+              f"runs of equal values (library: {r.get('native_kernels') or 'not built, column empty'}).",
               "", f"Target: the path taken within {r['targets']['ratio_to_fastest_exact']}x of the fastest exact "
               "alternative. Row-chunked and model-scope selection must merge histograms (a partition needs "
               "the whole data in one array, which the memory budget forbids there); their partition column "

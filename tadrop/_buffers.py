@@ -83,6 +83,20 @@ def _block_sums(buf: torch.Tensor) -> torch.Tensor:
     return buf[:, 0].clone()
 
 
+def _fsum_parts(parts: list, tail: torch.Tensor, fill: int) -> float:
+    """math.fsum of the block sums kept (Python floats on the CPU, device tensors elsewhere) and of
+    the partial block in `tail` (its first `fill` values)."""
+    if parts and not isinstance(parts[0], torch.Tensor):
+        flat = list(parts)                  # CPU: already floats, no per-element loop
+    else:
+        flat = [v for p in parts for v in p.reshape(-1).tolist()]
+    if fill:
+        t = tail.clone().view(1, -1)
+        t[0, fill:] = 0
+        flat.extend(_block_sums(t).tolist())
+    return math.fsum(flat)
+
+
 class Sum64:
     """Float64 sum of f(x) over float32 pieces fed in flat order: f is x, |x|, x**2
     or x * w for a float64 weight w aligned with x.
@@ -158,20 +172,7 @@ class Sum64:
             self._parts.append(sums)
 
     def value(self) -> float:
-        parts = list(self._parts)
-        if self._fill:
-            t = self._tail.clone()
-            t[self._fill:] = 0
-            parts.append(_block_sums(t.view(1, -1)))
-        if not parts:
-            return 0.0
-        flat: list[float] = []
-        for p in parts:                      # in flat order, as math.fsum sees them
-            if isinstance(p, torch.Tensor):
-                flat.extend(p.tolist())
-            else:
-                flat.append(p)
-        return math.fsum(flat)
+        return _fsum_parts(self._parts, self._tail, self._fill)
 
 
 class Sum64Rows:
@@ -233,18 +234,7 @@ class Sum64Rows:
             self._fill = n - i
 
     def value(self, k: int) -> float:
-        parts = list(self._parts[k])
-        if self._fill:
-            t = self._tail[k].clone()
-            t[self._fill:] = 0
-            parts.append(_block_sums(t.view(1, -1)))
-        flat: list[float] = []
-        for p in parts:
-            if isinstance(p, torch.Tensor):
-                flat.extend(p.reshape(-1).tolist())
-            else:
-                flat.append(p)
-        return math.fsum(flat)
+        return _fsum_parts(self._parts[k], self._tail[k], self._fill)
 
 
 def sumsq64(x: torch.Tensor) -> float:

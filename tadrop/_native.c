@@ -251,3 +251,34 @@ int tadrop_abs_hist_lo(const float *x, int64_t n, const uint8_t *slot, int64_t n
     }
     return 0;
 }
+
+/* Mask statistics of one block of K mask rows (bytes 0/1, row k at m + k * ld), n entries:
+   kept[k] += entries row k keeps; hist[c] += entries kept by exactly c of the K rows (hist has
+   K + 1 counters).  Counted by comparison per tile, as a histogram of K + 1 bins would stall on
+   its few counters. */
+TADROP_CLONES
+void tadrop_mask_counts(int64_t K, int64_t n, const uint8_t *m, int64_t ld, int64_t *kept,
+                        int64_t *hist)
+{
+    uint16_t c[TILE];
+    for (int64_t j0 = 0; j0 < n; j0 += TILE) {
+        const int64_t t = (n - j0 < TILE) ? n - j0 : TILE;
+        for (int64_t j = 0; j < t; j++)
+            c[j] = 0;
+        for (int64_t k = 0; k < K; k++) {
+            const uint8_t *mk = m + k * ld + j0;
+            uint32_t s = 0;
+            for (int64_t j = 0; j < t; j++) {
+                c[j] += mk[j];
+                s += mk[j];
+            }
+            kept[k] += s;
+        }
+        for (int64_t v = 0; v <= K; v++) {
+            uint32_t s = 0;
+            for (int64_t j = 0; j < t; j++)
+                s += (c[j] == v);
+            hist[v] += s;
+        }
+    }
+}

@@ -64,6 +64,8 @@ def _load():
             lib.tadrop_emr_block.restype = None
             lib.tadrop_ties_block.argtypes = [i64, i64, p, i64, p, ctypes.c_double, p]
             lib.tadrop_ties_block.restype = None
+            lib.tadrop_mask_counts.argtypes = [i64, i64, p, i64, p, p]
+            lib.tadrop_mask_counts.restype = None
             lib.tadrop_block_sums.argtypes = [i64, i64, p, i64, ctypes.c_int, ctypes.c_double, p, p]
             lib.tadrop_block_sums.restype = None
             lib.tadrop_abs_hist_hi.argtypes = [p, i64, p]
@@ -135,6 +137,19 @@ def ties_block(t2: torch.Tensor, base: torch.Tensor, lam: float, out: torch.Tens
     L.tadrop_ties_block(t2.shape[0], t2.shape[1], t2.data_ptr(), t2.stride(0), base.data_ptr(),
                         float(lam), out.data_ptr())
     return True
+
+
+def mask_counts(masks: np.ndarray):
+    """(kept per row, hist) of a contiguous [K, n] bool/uint8 array of 0/1 by the C kernel: kept[k]
+    the true entries of row k, hist[c] the entries true in exactly c rows; None without the
+    kernel."""
+    L = lib()
+    if L is None or masks.ndim != 2 or not masks.flags.c_contiguous or masks.itemsize != 1:
+        return None
+    K, n = masks.shape
+    kept, hist = np.zeros(K, dtype=np.int64), np.zeros(K + 1, dtype=np.int64)
+    L.tadrop_mask_counts(K, n, masks.ctypes.data, n, kept.ctypes.data, hist.ctypes.data)
+    return kept, hist
 
 
 _OPS = {"sum": 0, "abs": 1, "square": 2}

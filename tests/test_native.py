@@ -118,3 +118,14 @@ def test_ties_block_same_bits_as_torch(monkeypatch, K, lam):
     agree = (t.double() * s > 0)
     mean = (t.double() * agree).sum(0) / agree.sum(0).clamp(min=1)   # signed: the elected sign
     assert torch.allclose(fast.double(), base.double() + lam * mean, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("K", [1, 3, 4, 32])
+def test_mask_counts_same_as_numpy(monkeypatch, K):
+    from pipeline.storage import mask_counts
+    g = torch.Generator().manual_seed(K)
+    masks = (torch.rand(K, 3, 70_001, generator=g) < torch.linspace(0.05, 0.95, K).view(K, 1, 1)).numpy()
+    fast, slow = both(monkeypatch, lambda: mask_counts(masks))
+    assert fast == slow
+    assert fast["kept"] == [int(masks[k].sum()) for k in range(K)]
+    assert sum(fast["hist"]) == fast["numel"] == 3 * 70_001
