@@ -267,7 +267,7 @@ void tadrop_mask_counts(int64_t K, int64_t n, const uint8_t *m, int64_t ld, int6
             c[j] = 0;
         for (int64_t k = 0; k < K; k++) {
             const uint8_t *mk = m + k * ld + j0;
-            uint32_t s = 0;
+            uint16_t s = 0;
             for (int64_t j = 0; j < t; j++) {
                 c[j] += mk[j];
                 s += mk[j];
@@ -275,9 +275,10 @@ void tadrop_mask_counts(int64_t K, int64_t n, const uint8_t *m, int64_t ld, int6
             kept[k] += s;
         }
         for (int64_t v = 0; v <= K; v++) {
-            uint32_t s = 0;
+            const uint16_t w = (uint16_t)v;
+            uint16_t s = 0;                 /* at most TILE: 16 bits, and the loop vectorises */
             for (int64_t j = 0; j < t; j++)
-                s += (c[j] == v);
+                s += (uint16_t)(c[j] == w);
             hist[v] += s;
         }
     }
