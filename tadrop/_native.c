@@ -138,6 +138,24 @@ void tadrop_ties_block(int64_t K, int64_t m, const float *t, int64_t ldt, const 
     }
 }
 
+/* TADrop's apply on n contiguous floats, in place (sparsify.TADrop.apply is the torch path):
+   x = 0 where |x| <= lambd (torch's hardshrink, which gives +0.0) when shrink, then x *= scale
+   (float32) when rescale. */
+TADROP_CLONES
+void tadrop_shrink_scale(int64_t n, float *x, float lambd, int shrink, float scale, int rescale)
+{
+    if (shrink && rescale) {
+        for (int64_t j = 0; j < n; j++)
+            x[j] = (fabsf(x[j]) <= lambd ? 0.0f : x[j]) * scale;
+    } else if (shrink) {
+        for (int64_t j = 0; j < n; j++)
+            x[j] = fabsf(x[j]) <= lambd ? 0.0f : x[j];
+    } else if (rescale) {
+        for (int64_t j = 0; j < n; j++)
+            x[j] = x[j] * scale;
+    }
+}
+
 /* Block sums in the order of _buffers._block_sums: pairwise halving of a SUM_BLOCK-element block,
    b[i] += b[i + s] for s = SUM_BLOCK/2, ..., 1, the sum being b[0].  The first level is taken
    straight from the input (two sequential streams), the others in an L1-resident buffer; every

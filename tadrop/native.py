@@ -66,6 +66,9 @@ def _load():
             lib.tadrop_ties_block.restype = None
             lib.tadrop_mask_counts.argtypes = [i64, i64, p, i64, p, p]
             lib.tadrop_mask_counts.restype = None
+            lib.tadrop_shrink_scale.argtypes = [i64, p, ctypes.c_float, ctypes.c_int, ctypes.c_float,
+                                                ctypes.c_int]
+            lib.tadrop_shrink_scale.restype = None
             lib.tadrop_block_sums.argtypes = [i64, i64, p, i64, ctypes.c_int, ctypes.c_double, p, p]
             lib.tadrop_block_sums.restype = None
             lib.tadrop_abs_hist_hi.argtypes = [p, i64, p]
@@ -136,6 +139,18 @@ def ties_block(t2: torch.Tensor, base: torch.Tensor, lam: float, out: torch.Tens
         return False
     L.tadrop_ties_block(t2.shape[0], t2.shape[1], t2.data_ptr(), t2.stride(0), base.data_ptr(),
                         float(lam), out.data_ptr())
+    return True
+
+
+def shrink_scale(x: torch.Tensor, lambd: float | None, scale: float | None) -> bool:
+    """In place on a contiguous float32 CPU tensor: zero |x| <= lambd (hardshrink's +0.0; None:
+    no shrink), then multiply by float32(scale) (None: no rescale), in one C pass; False when the
+    kernel cannot take x (the caller runs the torch ops)."""
+    L = lib()
+    if L is None or x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+        return False
+    L.tadrop_shrink_scale(x.numel(), x.data_ptr(), 0.0 if lambd is None else float(lambd),
+                          lambd is not None, 1.0 if scale is None else float(scale), scale is not None)
     return True
 
 

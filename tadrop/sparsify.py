@@ -22,6 +22,7 @@ from typing import Callable, ClassVar, Iterable
 import torch
 
 from . import _bools as B
+from . import native
 from ._buffers import CACHE_BLOCK, Sum64, scratch, sumsq64, sumsq64_pair
 from .quantile import AbsSelector, NonFiniteError, linear_ranks, prev_float32
 from .select import AbsOrder, NativeOrder, whole_method
@@ -424,7 +425,11 @@ class TADrop(Sparsifier):
     def apply(self, tau, stats, key):
         if stats.kept == 0:
             return tau.zero_()
-        if stats.kept != stats.numel and stats.threshold > 0:
+        shrink = stats.kept != stats.numel and stats.threshold > 0
+        if native.shrink_scale(tau, prev_float32(stats.threshold) if shrink else None,
+                               stats.scale if stats.scale != 1.0 else None):
+            return tau                     # the same bits in one pass (tests/test_native.py)
+        if shrink:
             _shrink(tau, stats.threshold, tau)
         if stats.scale != 1.0:
             tau.mul_(stats.scale)

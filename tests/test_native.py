@@ -129,3 +129,20 @@ def test_mask_counts_same_as_numpy(monkeypatch, K):
     assert fast == slow
     assert fast["kept"] == [int(masks[k].sum()) for k in range(K)]
     assert sum(fast["hist"]) == fast["numel"] == 3 * 70_001
+
+
+@pytest.mark.parametrize("rescale", ["norm", "none", "inverse_keep"])
+@pytest.mark.parametrize("zeros", [0.0, 0.5])
+def test_tadrop_apply_same_bits_as_torch(monkeypatch, rescale, zeros):
+    from tadrop import TADrop
+    from tadrop.sparsify import ChunkKey
+    x = task_rows(1, 50_003, seed=int(zeros * 10) + len(rescale))[0].contiguous()
+    x[torch.rand(x.numel(), generator=torch.Generator().manual_seed(1)) < zeros] = 0.0
+    phi = TADrop(rescale=rescale)
+    st = phi.fit(x)
+
+    def run():
+        t = x.clone()
+        return bits(phi.apply(t, st, ChunkKey()))
+    fast, slow = both(monkeypatch, run)
+    assert torch.equal(fast, slow)
