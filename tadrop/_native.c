@@ -254,18 +254,28 @@ int tadrop_abs_hist_hi(const float *x, int64_t n, int64_t *hist)
     return bad != 0;
 }
 
-/* For each element whose bucket b has slot[b] != 0xff: lo[slot[b] * 65536 + (bits & 0xffff)]++
-   (lo holds nslots * 65536 counters).  Returns 0.  (A branch-free variant that sends the other
-   elements to spare counters measured 1.6x slower.) */
+/* For each element whose bucket b has slot[b] < nslots (<= 256):
+   lo[slot[b] * 65536 + (bits & 0xffff)]++.  Returns 0.  Per tile, the wanted elements' counter
+   indices are first compacted without a branch (a branch on membership mispredicts whenever the
+   wanted buckets hold a large share of the elements, i.e. long runs), then counted: 1.4x faster
+   where the buckets hold 13% of a tensor; a variant sending the others to spare counters was 1.6x
+   slower. */
 TADROP_CLONES
 int tadrop_abs_hist_lo(const float *x, int64_t n, const uint8_t *slot, int64_t nslots, int64_t *lo)
 {
     const uint32_t *u = (const uint32_t *)x;
-    for (int64_t i = 0; i < n; i++) {
-        const uint32_t a = u[i] & 0x7fffffffu;
-        const uint32_t s = slot[a >> 16];
-        if (s < (uint64_t)nslots)
-            lo[((int64_t)s << 16) | (a & 0xffffu)]++;
+    uint32_t idx[1024];
+    for (int64_t i0 = 0; i0 < n; i0 += 1024) {
+        const int64_t t = (n - i0 < 1024) ? n - i0 : 1024;
+        int64_t c = 0;
+        for (int64_t i = 0; i < t; i++) {
+            const uint32_t a = u[i0 + i] & 0x7fffffffu;
+            const uint32_t s = slot[a >> 16];
+            idx[c] = (s << 16) | (a & 0xffffu);
+            c += (s < (uint64_t)nslots);
+        }
+        for (int64_t i = 0; i < c; i++)
+            lo[idx[i]]++;
     }
     return 0;
 }
