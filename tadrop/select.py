@@ -301,12 +301,14 @@ def _native_query(x: torch.Tensor, kind: str) -> None:
 def _samples() -> list[torch.Tensor]:
     """Half Gaussian (float32 checkpoints), half what a bf16 LLM fine-tune gives: weights of
     std 0.02 moved by ~1e-3, both rounded to bf16, so tau holds few distinct values (multiples
-    of the weights' ulps) in long runs, zeros included; each 2^20 elements."""
+    of the weights' ulps) in long runs, and a third of the weights left as they were (exact
+    zeros; 41% in the benchmark's embedding); each 2^20 elements."""
     g = torch.Generator().manual_seed(12345)
     half = _CAL_N // 2
     gauss = torch.randn(half, generator=g).mul_(1e-3)
     base = (torch.randn(half, generator=g) * 0.02).bfloat16()
     tied = (base.float() + torch.randn(half, generator=g) * 1e-3).bfloat16().float() - base.float()
+    tied[torch.rand(half, generator=g) < 0.33] = 0.0
     return [gauss, tied]
 
 
@@ -315,21 +317,32 @@ def available_methods() -> tuple[str, ...]:
 
 
 def _calibrate(kind: str) -> str:
+    """The method whose worst slowdown against the fastest, over the sample kinds, is least: a
+    method that wins on Gaussian data by a hair but loses by half on a bf16 task vector is not
+    taken (minimax of the per-kind ratios; near-ties go to the lower total)."""
     xs = _samples()
     methods = available_methods()
-    best = {m: math.inf for m in methods}
+    best = {(m, i): math.inf for m in methods for i in range(len(xs))}
     query = {"radix": _radix_query, "partition": _partition_query, "native": _native_query}
     for m in methods:                          # warm-up: scratch buffers, code paths
         for x in xs:
             query[m](x, kind)
     for _ in range(3):                         # interleaved, so a burst of load hits all alike
         for m in methods:
-            t0 = time.thread_time()
-            for x in xs:
+            for i, x in enumerate(xs):
+                t0 = time.thread_time()
                 query[m](x, kind)
-            best[m] = min(best[m], time.thread_time() - t0)
-    _timings[kind] = {m: best[m] / _CAL_N * 1e9 for m in methods}
-    return min(methods, key=lambda m: best[m])
+                best[m, i] = min(best[m, i], time.thread_time() - t0)
+    total = {m: sum(best[m, i] for i in range(len(xs))) for m in methods}
+    _timings[kind] = {m: total[m] / _CAL_N * 1e9 for m in methods}
+    fastest = [min(best[m, i] for m in methods) for i in range(len(xs))]
+    worst = {m: max(best[m, i] / max(fastest[i], 1e-12) for i in range(len(xs))) for m in methods}
+    # the sample fits the last-level cache; a whole tensor larger than it sends a partition's
+    # passes to memory but not counting's histograms (bench/kernels.md: native counting 1.5x
+    # faster on a 22.5 M-element bf16 task vector where the sample had them even): counting
+    # takes the near-ties
+    score = {m: worst[m] * (0.85 if m == "native" else 1.0) for m in methods}
+    return min(methods, key=lambda m: (score[m], total[m]))
 
 
 def whole_method(kind: str = "tadrop", device="cpu") -> str:
