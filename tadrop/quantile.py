@@ -24,6 +24,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from . import native
+
 from ._buffers import scratch
 
 HI_BINS = 1 << 15            # high 16 bits of |x|'s pattern: sign cleared
@@ -92,6 +94,41 @@ def _next_epoch() -> int:
     return e
 
 
+def _native_hi(x: torch.Tensor) -> torch.Tensor | None:
+    """The hi histogram of a contiguous float32 CPU piece by the C kernel (native.py), None where
+    it cannot run.  A non-finite value is reported in NONFINITE_BUCKET, as the torch path would."""
+    L = native.lib()
+    if L is None or x.device.type != "cpu" or not x.is_contiguous():
+        return None
+    h = np.zeros(HI_BINS, dtype=np.int64)
+    err = L.tadrop_abs_hist_hi(x.data_ptr(), x.numel(), h.ctypes.data)
+    if err == 2:
+        raise MemoryError("tadrop_abs_hist_hi: out of memory")
+    if err:
+        h[NONFINITE_BUCKET] += 1
+    return torch.from_numpy(h)
+
+
+def _native_lo(x: torch.Tensor, pending: list[int]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(sorted distinct bit patterns, counts) of the piece's values in the pending buckets by the
+    C kernel (the torch path's `_sparse_hist` answer), None where it cannot run."""
+    L = native.lib()
+    if L is None or x.device.type != "cpu" or not x.is_contiguous() or not pending \
+            or len(pending) > _DENSE_BUCKETS:     # one pass per 16 buckets: many go the torch way
+        return None
+    vals, counts = [], []
+    for i in range(0, len(pending), 16):
+        part = pending[i:i + 16]
+        slot = np.full(HI_BINS, 0xFF, dtype=np.uint8)
+        slot[part] = np.arange(len(part), dtype=np.uint8)
+        h = np.zeros(len(part) << 16, dtype=np.int64)
+        L.tadrop_abs_hist_lo(x.data_ptr(), x.numel(), slot.ctypes.data, len(part), h.ctypes.data)
+        nz = np.flatnonzero(h)
+        vals.append((np.asarray(part, np.int64)[nz >> 16] << 16) | (nz & 0xFFFF))
+        counts.append(h[nz])
+    return np.concatenate(vals), np.concatenate(counts)
+
+
 class AbsSelector:
     """Exact order statistics of |x| over data fed in pieces (mergeable).
 
@@ -128,7 +165,9 @@ class AbsSelector:
         x = _flat_f32(x)
         if x.numel() == 0:
             return
-        h = torch.bincount(self._codes(x), minlength=HI_BINS)
+        h = _native_hi(x)
+        if h is None:
+            h = torch.bincount(self._codes(x), minlength=HI_BINS)
         if bool(h[NONFINITE_BUCKET:].any()):
             raise NonFiniteError("non-finite value (NaN or Inf)")
         if self._hi is None:
@@ -213,6 +252,12 @@ class AbsSelector:
             return
         self._lo_open = True
         if x.numel() == 0:
+            return
+        piece = _native_lo(x, sorted(self._pending))
+        if piece is not None:
+            if piece[0].size:
+                self._lo_pieces.append(piece)
+                self._lo = None
             return
         tag = self._codes_tag
         if tag is not None and tag[:4] == (x.data_ptr(), x.numel(), x._version, x.device) \
