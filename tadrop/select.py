@@ -321,7 +321,10 @@ def _calibrate(kind: str) -> str:
     method that wins on Gaussian data by a hair but loses by half on a bf16 task vector is not
     taken (minimax of the per-kind ratios; near-ties go to the lower total)."""
     xs = _samples()
-    methods = available_methods()
+    # native counting does the radix method's two passes in C: where it is built, radix (torch ops)
+    # is not timed (it never won here, bench/kernels.md), which halves the calibration's cost, paid
+    # by every worker process
+    methods = tuple(m for m in available_methods() if m != "radix" or not native.available())
     best = {(m, i): math.inf for m in methods for i in range(len(xs))}
     query = {"radix": _radix_query, "partition": _partition_query, "native": _native_query}
     for m in methods:                          # warm-up: scratch buffers, code paths
