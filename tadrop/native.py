@@ -154,6 +154,38 @@ def shrink_scale(x: torch.Tensor, lambd: float | None, scale: float | None) -> b
     return True
 
 
+HI_BINS = 1 << 15       # buckets of |x|: the top 16 bits of its float32 pattern, sign cleared
+
+
+def abs_hist_hi(x: torch.Tensor) -> tuple[np.ndarray, bool] | None:
+    """(int64 [HI_BINS] histogram of the top 16 bits of |x|, whether x held NaN/Inf) for a
+    contiguous float32 CPU tensor, by the C kernel; None when it cannot run."""
+    L = lib()
+    if L is None or x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+        return None
+    h = np.zeros(HI_BINS, dtype=np.int64)
+    err = L.tadrop_abs_hist_hi(x.data_ptr(), x.numel(), h.ctypes.data)
+    if err == 2:
+        raise MemoryError("tadrop_abs_hist_hi: out of memory")
+    return h, bool(err)
+
+
+def abs_hist_lo(x: torch.Tensor, buckets: list[int]) -> np.ndarray | None:
+    """int64 [len(buckets), 65536]: per bucket, the histogram of the low 16 bits of the |x| in it
+    (one pass over x per 16 buckets), by the C kernel; None when it cannot run."""
+    L = lib()
+    if L is None or x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+        return None
+    out = np.zeros((len(buckets), 1 << 16), dtype=np.int64)
+    for i in range(0, len(buckets), 16):
+        part = buckets[i:i + 16]
+        slot = np.full(HI_BINS, 0xFF, dtype=np.uint8)
+        slot[part] = np.arange(len(part), dtype=np.uint8)
+        L.tadrop_abs_hist_lo(x.data_ptr(), x.numel(), slot.ctypes.data, len(part),
+                             out[i:i + len(part)].ctypes.data)
+    return out
+
+
 def mask_counts(masks: np.ndarray):
     """(kept per row, hist) of a contiguous [K, n] bool/uint8 array of 0/1 by the C kernel: kept[k]
     the true entries of row k, hist[c] the entries true in exactly c rows; None without the

@@ -95,16 +95,13 @@ def _next_epoch() -> int:
 
 
 def _native_hi(x: torch.Tensor) -> torch.Tensor | None:
-    """The hi histogram of a contiguous float32 CPU piece by the C kernel (native.py), None where
-    it cannot run.  A non-finite value is reported in NONFINITE_BUCKET, as the torch path would."""
-    L = native.lib()
-    if L is None or x.device.type != "cpu" or not x.is_contiguous():
+    """The hi histogram of a piece by the C kernel (native.py), None where it cannot run.  A
+    non-finite value is reported in NONFINITE_BUCKET, as the torch path would."""
+    got = native.abs_hist_hi(x)
+    if got is None:
         return None
-    h = np.zeros(HI_BINS, dtype=np.int64)
-    err = L.tadrop_abs_hist_hi(x.data_ptr(), x.numel(), h.ctypes.data)
-    if err == 2:
-        raise MemoryError("tadrop_abs_hist_hi: out of memory")
-    if err:
+    h, bad = got
+    if bad:
         h[NONFINITE_BUCKET] += 1
     return torch.from_numpy(h)
 
@@ -112,21 +109,14 @@ def _native_hi(x: torch.Tensor) -> torch.Tensor | None:
 def _native_lo(x: torch.Tensor, pending: list[int]) -> tuple[np.ndarray, np.ndarray] | None:
     """(sorted distinct bit patterns, counts) of the piece's values in the pending buckets by the
     C kernel (the torch path's `_sparse_hist` answer), None where it cannot run."""
-    L = native.lib()
-    if L is None or x.device.type != "cpu" or not x.is_contiguous() or not pending \
-            or len(pending) > _DENSE_BUCKETS:     # one pass per 16 buckets: many go the torch way
+    if not pending or len(pending) > _DENSE_BUCKETS:     # one pass per 16 buckets: many go the torch way
         return None
-    vals, counts = [], []
-    for i in range(0, len(pending), 16):
-        part = pending[i:i + 16]
-        slot = np.full(HI_BINS, 0xFF, dtype=np.uint8)
-        slot[part] = np.arange(len(part), dtype=np.uint8)
-        h = np.zeros(len(part) << 16, dtype=np.int64)
-        L.tadrop_abs_hist_lo(x.data_ptr(), x.numel(), slot.ctypes.data, len(part), h.ctypes.data)
-        nz = np.flatnonzero(h)
-        vals.append((np.asarray(part, np.int64)[nz >> 16] << 16) | (nz & 0xFFFF))
-        counts.append(h[nz])
-    return np.concatenate(vals), np.concatenate(counts)
+    h = native.abs_hist_lo(x, pending)
+    if h is None:
+        return None
+    h = h.reshape(-1)
+    nz = np.flatnonzero(h)
+    return (np.asarray(pending, np.int64)[nz >> 16] << 16) | (nz & 0xFFFF), h[nz]
 
 
 class AbsSelector:

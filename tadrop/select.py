@@ -168,23 +168,17 @@ class NativeOrder:
     histograms of the low 16 bits.  Two passes over x, no copy of it, and heavy ties cost nothing
     extra.  `prepare(ranks)` settles several ranks' buckets in one pass over x."""
 
-    _LO = 1 << 16
-    _HI = 1 << 15          # buckets: the top 16 bits of |x| (sign bit clear)
-
     def __init__(self, x: torch.Tensor, on_block=None):
         x = x.reshape(-1)
         if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
             raise ValueError("NativeOrder needs a contiguous float32 CPU tensor")
-        self._lib = native.lib()
-        if self._lib is None:
-            raise RuntimeError("NativeOrder needs tadrop's native kernels")
         self.n, self._x = x.numel(), x
-        hist = np.zeros(self._HI, dtype=np.int64)
-        err = self._lib.tadrop_abs_hist_hi(x.data_ptr(), self.n, hist.ctypes.data)
-        if err == 1:
+        got = native.abs_hist_hi(x)
+        if got is None:
+            raise RuntimeError("NativeOrder needs tadrop's native kernels")
+        hist, bad = got
+        if bad:
             raise NonFiniteError("non-finite value (NaN or Inf)")
-        if err:
-            raise MemoryError("tadrop_abs_hist_hi: out of memory")
         if on_block is not None:
             for j in range(0, self.n, _BLOCK):
                 on_block(x[j:j + _BLOCK])
@@ -205,16 +199,9 @@ class NativeOrder:
         if between is not None and 0 <= between[0] <= between[1] < self.n:
             want.update(range(self._bucket(between[0]), self._bucket(between[1]) + 1))
         todo = sorted(want - set(self._lo))
-        for i in range(0, len(todo), 16):
-            part = todo[i:i + 16]
-            slot = np.full(self._HI, 0xFF, dtype=np.uint8)
-            slot[part] = np.arange(len(part), dtype=np.uint8)
-            lo = np.zeros((len(part), self._LO), dtype=np.int64)
-            if self._lib.tadrop_abs_hist_lo(self._x.data_ptr(), self.n, slot.ctypes.data, len(part),
-                                            lo.ctypes.data):
-                raise MemoryError("tadrop_abs_hist_lo: out of memory")
-            for j, b in enumerate(part):
-                self._lo[b] = lo[j]
+        if todo:
+            for b, h in zip(todo, native.abs_hist_lo(self._x, todo)):
+                self._lo[b] = h
                 self._cum_lo.pop(b, None)
 
     def _lo_cum(self, b: int) -> np.ndarray:
