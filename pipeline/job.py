@@ -23,7 +23,6 @@ from .faults import crash_point, job_fault, write_fault
 from .globalstats import (EXTRA_FILE, MAJORITY_FILE, SELECTED_FILE, VALUES_FILE, job_file, load_majority,
                           load_ranks, load_selectors, load_values, save_selectors)
 from .sources import RowSource as _Source
-from .storage import add_counts, mask_counts
 from .writers import MaskStore, ShardPlan, ShardWriter, sync_mask_chunks
 
 TORCH_DTYPES = {
@@ -123,7 +122,6 @@ class _Sink:
         self._r, self._name, self._rows = runner, name, rows
         self._pending: list[np.ndarray] = []
         self._pending_r0 = 0
-        self.counts: dict | None = None   # storage accounting, taken while the mask rows are in memory
 
     def _write(self, writer: ShardWriter, dtype: torch.dtype, r0: int, rows: torch.Tensor) -> None:
         write_fault()
@@ -145,7 +143,6 @@ class _Sink:
     def masks(self, r0: int, r1: int, masks: torch.Tensor) -> None:
         store = self._r.mask_store
         m = masks.to("cpu").numpy()
-        self.counts = add_counts(self.counts, mask_counts(m))
         if not m.ndim or m.ndim == 1:  # a 0-d tensor: one element per task
             store.write(self._name, 0, m)
             return
@@ -258,10 +255,7 @@ class JobRunner:
             global_values=global_values, device=ctx.device, majority=majority,
         )
         self._sync()
-        out = result.to_dict()
-        if sink.counts is not None:
-            out["mask_counts"] = sink.counts
-        return self._finish(name, out)
+        return self._finish(name, result.to_dict())   # with the mask counts (storage accounting)
 
     def _copy(self, name: str) -> dict:
         """Integer/bool/passthrough tensors: the base bytes, unchanged, into the merged shards."""

@@ -5,9 +5,9 @@ EMR and TALL store K task models as base + one shared vector + one bit per param
 TALL paper: 57 GB of checkpoints down to 8.2 GB). This module measures that on disk, the density of
 each task's mask, and the histogram of how many tasks keep each parameter, per tensor type: TALL's
 "catastrophic" weights are kept by no task, its "selfish" ones by exactly one. The counts are
-taken by each job from the mask rows it writes, while they are in memory (`mask_counts`), and summed
-at the reduce (`combine_counts`): reading K bits per parameter back from disk would cost a pass over
-the whole mask store. Kept in run.json; `tadrop report` and the task bank show it. A run made before
+taken by the engine as it makes each job's masks, while they are in memory
+(`TensorResult.mask_counts`), and summed at the reduce (`combine_counts`): reading K bits per
+parameter back from disk would cost a pass over the whole mask store. Kept in run.json; `tadrop report` and the task bank show it. A run made before
 this (no counts in its jobs' results) is measured from the store (`mask_statistics`).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tadrop import native
+from tadrop import _bools as B
 
 from .checkpoints import Checkpoint
 from .report import tensor_type
@@ -38,37 +38,10 @@ def weight_bytes(ckpt: Checkpoint) -> int:
 
 def mask_counts(masks: np.ndarray) -> dict:
     """One job's contribution from a (K, ...) boolean block of mask rows: per task the entries kept,
-    and how many entries are kept by 0..K tasks.  Blockwise through two small buffers: fresh
-    tensor-sized temporaries cost more in page faults than the counting itself."""
-    k = masks.shape[0]
-    flat = np.ascontiguousarray(masks).reshape(k, -1)
-    n = flat.shape[1]
-    fast = native.mask_counts(flat) if flat.dtype == np.bool_ else None
-    if fast is not None:                      # one pass in C, the same counts
-        return {"kept": [int(v) for v in fast[0]], "hist": [int(v) for v in fast[1]], "numel": int(n)}
-    step = 1 << 16
-    acc = np.empty(min(step, n), dtype=np.uint8 if k < 256 else np.uint16)
-    hit = np.empty(acc.shape, dtype=bool)
-    hist = [0] * (k + 1)
-    for j in range(0, n, step):
-        rows = flat[:, j:j + step].view(np.uint8)
-        a, h = acc[:rows.shape[1]], hit[:rows.shape[1]]
-        np.copyto(a, rows[0])
-        for i in range(1, k):                 # row adds: no widening cast, unlike np.sum / bincount
-            np.add(a, rows[i], out=a)
-        for c in range(k):
-            hist[c] += int(np.count_nonzero(np.equal(a, c, out=h)))
-    hist[k] = n - sum(hist[:k])
-    return {"kept": [int(np.count_nonzero(flat[i])) for i in range(k)], "hist": hist, "numel": int(n)}
-
-
-def add_counts(total: dict | None, part: dict) -> dict:
-    if total is None:
-        return {key: (list(v) if isinstance(v, list) else v) for key, v in part.items()}
-    total["kept"] = [a + b for a, b in zip(total["kept"], part["kept"])]
-    total["hist"] = [a + b for a, b in zip(total["hist"], part["hist"])]
-    total["numel"] += part["numel"]
-    return total
+    and how many entries are kept by 0..K tasks (the engine counts them itself while the rows are
+    in memory: `TensorResult.mask_counts`)."""
+    kept, hist = B.mask_counts(masks)
+    return {"kept": kept, "hist": hist, "numel": int(np.prod(masks.shape[1:], dtype=np.int64))}
 
 
 def combine_counts(per_tensor: dict[str, dict], tasks: list[str]) -> dict:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import native
+
 _NP = {"gt": np.greater, "ge": np.greater_equal, "lt": np.less, "le": np.less_equal,
        "eq": np.equal}
 _TORCH = {"gt": torch.gt, "ge": torch.ge, "lt": torch.lt, "le": torch.le, "eq": torch.eq}
@@ -44,12 +46,38 @@ def count(mask: torch.Tensor) -> int:
     return int(torch.count_nonzero(mask))
 
 
-def count_rows(mask: torch.Tensor) -> list[int]:
-    """Per row of a [K, m] mask: the number of true entries."""
-    if mask.device.type == "cpu":
-        m = mask.numpy()
-        return [int(np.count_nonzero(m[k])) for k in range(m.shape[0])]
-    return [int(torch.count_nonzero(mask[k])) for k in range(mask.shape[0])]
+def mask_counts(mask: torch.Tensor | np.ndarray) -> tuple[list[int], list[int]]:
+    """(kept, hist) of a [K, ...] mask: kept[k] the true entries of row k, hist[c] the entries true
+    in exactly c of the K rows (TALL's "catastrophic" c = 0, "selfish" c = 1).  One pass in C on the
+    CPU; else blockwise through two small buffers (tensor-sized temporaries cost more in page
+    faults than the counting)."""
+    if isinstance(mask, torch.Tensor):
+        if mask.device.type != "cpu":
+            flat = mask.reshape(mask.shape[0], -1)
+            kept = [int(torch.count_nonzero(flat[k])) for k in range(flat.shape[0])]
+            hist = torch.bincount(flat.to(torch.int32).sum(0), minlength=flat.shape[0] + 1)
+            return kept, [int(v) for v in hist.tolist()]
+        mask = mask.numpy()
+    k = mask.shape[0]
+    flat = np.ascontiguousarray(mask).reshape(k, -1)
+    n = flat.shape[1]
+    fast = native.mask_counts(flat) if flat.dtype == np.bool_ else None
+    if fast is not None:
+        return [int(v) for v in fast[0]], [int(v) for v in fast[1]]
+    step = 1 << 16
+    acc = np.empty(min(step, n), dtype=np.uint8 if k < 256 else np.uint16)
+    hit = np.empty(acc.shape, dtype=bool)
+    hist = [0] * (k + 1)
+    for j in range(0, n, step):
+        rows = flat[:, j:j + step].view(np.uint8)
+        a, h = acc[:rows.shape[1]], hit[:rows.shape[1]]
+        np.copyto(a, rows[0])
+        for i in range(1, k):                 # row adds: no widening cast, unlike np.sum / bincount
+            np.add(a, rows[i], out=a)
+        for c in range(k):
+            hist[c] += int(np.count_nonzero(np.equal(a, c, out=h)))
+    hist[k] = n - sum(hist[:k])
+    return [int(np.count_nonzero(flat[i])) for i in range(k)], hist
 
 
 def and_(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

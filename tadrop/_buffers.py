@@ -233,6 +233,19 @@ class Sum64Rows:
             self._prep(self._tail[:, : n - i], x[:, i:])
             self._fill = n - i
 
+    def head(self, n: int) -> int:
+        """How many of the next n elements complete the block now partly filled (0 when none is):
+        after them, whole blocks can come as sums (`extend`)."""
+        return min(n, (SUM_BLOCK - self._fill) % SUM_BLOCK)
+
+    def extend(self, sums) -> None:
+        """Takes the sums of whole blocks computed elsewhere in this class's order (the fused EMR
+        kernel: numpy float64 [K, nb]), at a block boundary."""
+        if self._fill:
+            raise ValueError("Sum64Rows.extend inside a partly filled block")
+        for part, row in zip(self._parts, sums.tolist()):
+            part.extend(row)
+
     def value(self, k: int) -> float:
         return _fsum_parts(self._parts[k], self._tail[k], self._fill)
 

@@ -16,7 +16,7 @@ import torch
 
 from . import _bools as B
 from . import native
-from ._buffers import Sum64, Sum64Rows, f64_inplace, scratch, sum_tasks64
+from ._buffers import SUM_BLOCK, Sum64, Sum64Rows, f64_inplace, scratch, sum_tasks64
 
 
 def _flat_tasks(taus: torch.Tensor) -> torch.Tensor:
@@ -191,10 +191,19 @@ def emr(taus, *, out_uni=None, out_masks=None, sums: EMRSums | None = None,
     tau_uni = _out(out_uni, taus.shape[1:], torch.float32, taus.device)
     acc = sums if sums is not None else EMRSums(K, t2.device)
     mu = scratch("m.masked", K * m, torch.float32, t2.device).view(K, m)
-    if native.emr_block(t2, None if keep is None else keep.reshape(K, m), masks.view(K, m),
-                        tau_uni.view(-1), mu):
-        acc.abs_tau.add(t2)
-        acc.abs_uni.add(mu)
+    head = acc.abs_tau.head(m)              # both streams are fed in lockstep: the same head
+    nb = (m - head) // SUM_BLOCK
+    fused = native.emr_block(t2, None if keep is None else keep.reshape(K, m), masks.view(K, m),
+                             tau_uni.view(-1), mu, head, nb)
+    if fused is not None:      # the nb whole blocks' sums came with it (mu holds the rest only)
+        tail = head + nb * SUM_BLOCK if fused else head
+        acc.abs_tau.add(t2[:, :head])
+        acc.abs_uni.add(mu[:, :head])
+        if fused:
+            acc.abs_tau.extend(fused[0])
+            acc.abs_uni.extend(fused[1])
+        acc.abs_tau.add(t2[:, tail:])
+        acc.abs_uni.add(mu[:, tail:])
     else:
         _emr_torch(t2, keep, masks, tau_uni, acc)
     if sums is not None:

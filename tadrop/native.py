@@ -20,7 +20,8 @@ _lib = None
 _tried = False
 
 
-ABI = 2          # tadrop_native_abi() of a library this code can call; bump with any change
+SUM_BLOCK = 4096   # the block of every float64 sum (_buffers.SUM_BLOCK)
+ABI = 3          # tadrop_native_abi() of a library this code can call; bump with any change
 
 
 def _candidates():
@@ -60,8 +61,8 @@ def _load():
             except AttributeError:
                 continue
             i64, p = ctypes.c_int64, ctypes.c_void_p
-            lib.tadrop_emr_block.argtypes = [i64, i64, p, i64, p, i64, p, i64, p, p, i64]
-            lib.tadrop_emr_block.restype = None
+            lib.tadrop_emr_block.argtypes = [i64, i64, p, i64, p, i64, p, i64, p, p, i64, i64, i64, p, p]
+            lib.tadrop_emr_block.restype = ctypes.c_int
             lib.tadrop_ties_block.argtypes = [i64, i64, p, i64, p, ctypes.c_double, p]
             lib.tadrop_ties_block.restype = None
             lib.tadrop_mask_counts.argtypes = [i64, i64, p, i64, p, p]
@@ -109,22 +110,32 @@ def _rows_ok(x: torch.Tensor, dtype) -> bool:
 
 
 def emr_block(t2: torch.Tensor, keep: torch.Tensor | None, masks: torch.Tensor,
-              uni: torch.Tensor, mu: torch.Tensor) -> bool:
-    """EMR elect/mask/unify of one block by the C kernel (see _native.c); False when the kernel
+              uni: torch.Tensor, mu: torch.Tensor, head: int = 0, nb: int = 0):
+    """EMR elect/mask/unify of one block by the C kernel (see _native.c); None when the kernel
     is not there or the tensors are not CPU rows it can take (the caller runs the torch path).
     t2 float32 [K, m], keep bool [K, m] or None, masks bool [K, m], uni float32 [m] contiguous,
-    mu float32 [K, m] (M_k * |tau_uni|)."""
+    mu float32 [K, m] (M_k * |tau_uni|).  With nb > 0 the rescaler sums of the nb SUM_BLOCK-element
+    blocks from element `head` on are taken in the same pass: returns (sums of |t2|, sums of mu),
+    numpy float64 [K, nb] each, and mu is written only outside those blocks; else returns ()."""
     L = lib()
     if L is None or not (_rows_ok(t2, torch.float32) and _rows_ok(masks, torch.bool)
                          and _rows_ok(mu, torch.float32) and uni.is_contiguous()
                          and uni.dtype == torch.float32 and uni.device.type == "cpu"
                          and (keep is None or _rows_ok(keep, torch.bool))):
-        return False
+        return None
     K, m = t2.shape
-    L.tadrop_emr_block(K, m, t2.data_ptr(), t2.stride(0), None if keep is None else keep.data_ptr(),
-                       0 if keep is None else keep.stride(0), masks.data_ptr(), masks.stride(0),
-                       uni.data_ptr(), mu.data_ptr(), mu.stride(0))
-    return True
+    if nb < 0 or head < 0 or head + nb * SUM_BLOCK > m:
+        raise ValueError(f"emr_block: {nb} blocks from {head} do not fit in {m} elements")
+    nb = nb if K else 0
+    abs_s, uni_s = np.empty((K, nb), dtype=np.float64), np.empty((K, nb), dtype=np.float64)
+    err = L.tadrop_emr_block(K, m, t2.data_ptr(), t2.stride(0),
+                             None if keep is None else keep.data_ptr(),
+                             0 if keep is None else keep.stride(0), masks.data_ptr(), masks.stride(0),
+                             uni.data_ptr(), mu.data_ptr(), mu.stride(0), head, nb,
+                             abs_s.ctypes.data, uni_s.ctypes.data)
+    if err == 2:
+        raise MemoryError("tadrop_emr_block: out of memory")
+    return (abs_s, uni_s) if nb else ()
 
 
 def ties_block(t2: torch.Tensor, base: torch.Tensor, lam: float, out: torch.Tensor) -> bool:
@@ -209,7 +220,7 @@ def block_sums(x: torch.Tensor, nb: int, block: int, op: str, lam: float | None 
     cannot take it.  op 'sum', 'abs', 'square'; with op 'square' and `lam`, a second [K, nb] array
     of the sums of the squares v > lam is returned too (a pair)."""
     L = lib()
-    if L is None or op not in _OPS or block != 4096 or not _rows_ok(x, torch.float32):
+    if L is None or op not in _OPS or block != SUM_BLOCK or not _rows_ok(x, torch.float32):
         return None
     K = x.shape[0]
     out = np.empty((K, nb), dtype=np.float64)

@@ -113,6 +113,7 @@ class TensorResult:
     emr: M.EMRPartials | None = None        # EMR rescaler partial sums of this tensor
     warnings: list[str] = field(default_factory=list)
     emr_scales: list[float] | None = None   # EMR 'mask': per task, Phi's rescale factor here
+    mask_counts: dict | None = None         # methods with masks: {"kept": [K], "hist": [K+1], "numel"}
 
     def to_dict(self) -> dict:
         """Plain JSON-able form (what a job returns to the driver)."""
@@ -121,6 +122,10 @@ class TensorResult:
              "warnings": list(self.warnings)}
         if self.emr_scales is not None:
             d["emr_scales"] = [float(x) for x in self.emr_scales]
+        if self.mask_counts is not None:
+            d["mask_counts"] = {"kept": [int(v) for v in self.mask_counts["kept"]],
+                                "hist": [int(v) for v in self.mask_counts["hist"]],
+                                "numel": int(self.mask_counts["numel"])}
         return d
 
     @classmethod
@@ -128,7 +133,7 @@ class TensorResult:
         emr = M.EMRPartials.from_dict(d["emr"]) if d.get("emr") is not None else None
         scales = d.get("emr_scales")
         return cls([dict(r) for r in d["stats"]], emr, list(d.get("warnings", ())),
-                   None if scales is None else [float(x) for x in scales])
+                   None if scales is None else [float(x) for x in scales], d.get("mask_counts"))
 
 
 class _Reader:
@@ -251,7 +256,8 @@ class _Combiner:
 
     def __init__(self, spec: MergeSpec, shape, device, majority: float | None = None):
         self.spec, self.shape, self.device, self.majority = spec, tuple(shape), device, majority
-        self.mask_counts = [0] * spec.K
+        self.mask_counts = [0] * spec.K           # per task, the entries its mask keeps
+        self.mask_hist = [0] * (spec.K + 1)       # entries kept by exactly c of the K tasks
         self.emr_sums = M.EMRSums(spec.K, device) if spec.method == "emr" else None
 
     def _mtl(self, taus, inner, out, keep):
@@ -260,8 +266,9 @@ class _Combiner:
         return (M.ties_vector if inner == "ties" else M.task_sum)(taus, out=out)
 
     def _count(self, masks):
-        for k, c in enumerate(B.count_rows(masks)):
-            self.mask_counts[k] += c
+        kept, hist = B.mask_counts(masks)
+        self.mask_counts = [a + b for a, b in zip(self.mask_counts, kept)]
+        self.mask_hist = [a + b for a, b in zip(self.mask_hist, hist)]
 
     def __call__(self, r0, r1, taus, base, sink, keep=None, prep=None):
         """Combines rows r0:r1 (taus float32 [K, m], base [m]) block by block (`_blocks`);
@@ -427,7 +434,9 @@ def merge_tensor(spec: MergeSpec, name: str, src: TensorSource, sink: TensorSink
     else:
         emr = None
     scales = [spec.phi(k).rescale_factor(stats[k]) for k in range(K)] if mask_mode else None
-    return TensorResult(rows_out, emr, emr_scales=scales)
+    counts = ({"kept": comb.mask_counts, "hist": comb.mask_hist, "numel": n}
+              if has_masks and n else None)
+    return TensorResult(rows_out, emr, emr_scales=scales, mask_counts=counts)
 
 
 # ---- model scope ------------------------------------------------------------------

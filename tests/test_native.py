@@ -61,6 +61,30 @@ def test_emr_block_same_bits_as_torch(monkeypatch, K, with_keep):
     assert torch.equal(fast.tau_uni, flag * (t.abs() * Mk).amax(0))
 
 
+@pytest.mark.parametrize("cuts", [[], [100], [4095, 1, 4096 * 2 + 7], [5000, 3, 4096]])
+def test_emr_streamed_rescaler_sums_same_bits(monkeypatch, cuts):
+    """The kernel takes the rescaler sums of the whole blocks after a chunk's head in its own pass;
+    fed chunk by chunk (heads that complete a partial block, chunks smaller than a block), the
+    totals are the torch path's bits, and the one-shot EMR's."""
+    K, m = 3, 4 * SUM_BLOCK + 321
+    t = task_rows(K, m, seed=11)
+
+    def run():
+        acc, i = M.EMRSums(K, "cpu"), 0
+        for c in cuts + [m]:
+            j = min(m, i + c)
+            if j > i:
+                M.emr(t[:, i:j], sums=acc)
+            i = j
+        p = acc.partials(m)
+        return p.abs_tau_sum, p.abs_uni_sum
+    fast, slow = both(monkeypatch, run)
+    assert fast == slow
+    whole = M.emr(t)
+    assert fast == (tuple(whole.abs_tau_sum.tolist()), tuple(whole.abs_uni_sum.tolist()))
+    assert native.SUM_BLOCK == SUM_BLOCK
+
+
 @pytest.mark.parametrize("op", ["sum", "abs", "square"])
 @pytest.mark.parametrize("cuts", [[], [1], [4095, 1, 4096 * 2 + 7], [5000, 3]])
 def test_sum64_same_bits_as_torch(monkeypatch, op, cuts):
