@@ -23,7 +23,7 @@ from .faults import crash_point, job_fault, write_fault
 from .globalstats import (EXTRA_FILE, MAJORITY_FILE, SELECTED_FILE, VALUES_FILE, job_file, load_majority,
                           load_ranks, load_selectors, load_values, save_selectors)
 from .sources import RowSource as _Source
-from .writers import MaskStore, ShardPlan, ShardWriter, sync_mask_chunks
+from .writers import MaskStore, ShardPlan, ShardWriter, sync_mask_chunks, syncfs, syncfs_usable
 
 TORCH_DTYPES = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -173,8 +173,10 @@ class JobRunner:
         self.merged_writer = ShardWriter(ctx.merged_plan, ctx.merged_dir) if ctx.merged_plan else None
         self.unified_writer = ShardWriter(ctx.unified_plan, ctx.unified_dir) if ctx.unified_plan else None
         self.mask_store = MaskStore.open(ctx.masks_path) if ctx.write_masks else None
+        # a worker that makes its own outputs durable does it with one syncfs per job where it can
+        self._syncfs = not ctx.sync_in_driver and syncfs_usable(ctx.state_dir)
         if self.mask_store is not None:
-            self.mask_store.defer_sync = ctx.sync_in_driver
+            self.mask_store.defer_sync = ctx.sync_in_driver or self._syncfs
         self._sel: list[AbsSelector] | None = None
         self._values: list[float] | None = None
         self.warnings: list[str] = []
@@ -305,25 +307,33 @@ class JobRunner:
     def _sync(self) -> None:
         for w in (self.merged_writer, self.unified_writer):
             if w is not None:
-                if self.ctx.sync_in_driver:
-                    w.forget_dirty()        # Durability fsyncs them in the driver
+                if self.ctx.sync_in_driver or self._syncfs:
+                    w.forget_dirty()        # Durability syncs them in the driver, or syncfs below
                 else:
                     w.sync()
+        if self._syncfs:
+            syncfs(self.ctx.state_dir)
 
 
 class Durability:
-    """Driver side of `sync_in_driver`: fsyncs what a job wrote (its shard files' byte ranges are
-    named by its checksums, its mask chunks too) before the ledger records the job.  The shard files
-    stay open here across jobs; each result's fsync also covers whatever other jobs have written
-    into the same file meanwhile (harmless: it only makes more bytes durable)."""
+    """Driver side of `sync_in_driver`: makes what a job wrote durable before the ledger records
+    the job.  Where the run directory's file system allows (`syncfs_usable`), one syncfs(2) per
+    job; else an fsync of its shard files (their byte ranges are named by its checksums) and of
+    each mask chunk file and directory.  The shard files stay open here across jobs; each result's
+    sync also covers whatever other jobs have written meanwhile (harmless: it only makes more
+    bytes durable)."""
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
         self._fds: dict[Path, int] = {}
+        self._syncfs = syncfs_usable(ctx.state_dir)
 
     def __call__(self, result: dict) -> None:
         sums = result.get("checksums") if isinstance(result, dict) else None
         if not sums:
+            return
+        if self._syncfs:
+            syncfs(self.ctx.state_dir)
             return
         for kind, directory in (("merged", self.ctx.merged_dir), ("unified", self.ctx.unified_dir)):
             if kind in sums:
