@@ -33,20 +33,25 @@ import bench_merge as bm  # noqa: E402
 
 # (category, frame substrings); a sample goes to the first category, scanning from the innermost frame out
 CATEGORIES = [
-    ("fsync (outputs durable before the ledger records a job)",
+    ("fsync / syncfs (outputs durable before the ledger records a job)",
      ["ShardWriter.sync (", "_sync_chunks (", "_sync_metadata (", "fsync_dir (", "Ledger.record (",
-      "Durability.__call__ (", "sync_mask_chunks ("]),
+      "Durability.__call__ (", "sync_mask_chunks (", "syncfs ("]),
     ("pwrite of output rows", ["_pwrite_all ("]),
     ("output cast to the output dtype", ["_Sink._write ("]),
-    ("masks: bit-pack + zstd + zarr write", ["MaskStore.write (", "zarr/", "numcodecs/"]),
-    ("selection (radix histograms / numpy partition)", ["AbsSelector.", "AbsOrder.", "_sparse_hist ("]),
-    ("float64 sums (norms, EMR rescaler sums, sums over the K tasks)", ["Sum64.", "Sum64Rows.", "sumsq64 (", "sumsq64_pair (", "sum_tasks64 (",
-                                                 "f64_inplace ("]),
-    ("sparsifier apply (drop, rescale)", ["_shrink (", "TADrop.apply (", "TopK.apply (", "TADrop.fit_apply_ (",
-                                          "Sparsifier.fit_apply_ ("]),
+    ("masks: counts, bit-pack + zstd + chunk files", ["MaskStore.write (", "zarr/", "numcodecs/",
+                                                    "mask_counts (", "_Combiner._count ("]),
+    ("selection (counting histograms in C / radix / numpy partition)",
+     ["abs_hist_hi (", "abs_hist_lo (", "NativeOrder.", "AbsSelector.", "AbsOrder.", "_sparse_hist (",
+      "whole_method (", "_calibrate ("]),
+    ("float64 sums (TADrop's norms, EMR rescaler sums outside its kernel)",
+     ["block_sums (", "Sum64.", "Sum64Rows.", "sumsq64 (", "sumsq64_pair (", "sum_tasks64 (",
+      "f64_inplace ("]),
+    ("sparsifier apply (drop, rescale)", ["shrink_scale (", "_shrink (", "TADrop.apply (", "TopK.apply (",
+                                          "TADrop.fit_apply_ (", "Sparsifier.fit_apply_ ("]),
     ("decode inputs: bf16 -> f32, tau = theta_k - theta_0 (incl. mmap page faults)",
-     ["_Reader.tau (", "_Reader.base (", "_Reader.chunks."]),
-    ("merge method (TIES elect + mean / EMR elect, mask, unify)", ["_Combiner.__call__ ("]),
+     ["_Reader.tau (", "_Reader.base (", "_Reader.chunks.", "_Reader.from_theta (", "_Reader.gather ("]),
+    ("merge method kernel (TIES elect + mean / EMR elect, mask, unify + its rescaler sums)",
+     ["emr_block (", "ties_block (", "_Combiner.__call__ ("]),
     ("release mapped pages (madvise)", ["JobRunner._release (", "_Source.release ("]),
     ("reduce (stats.parquet, index, rename)", ["pipeline/reduce.py"]),
     ("plan + input validation (driver)", ["pipeline/plan.py", "pipeline/checkpoints.py", "pipeline/config.py"]),
@@ -55,7 +60,17 @@ CATEGORIES = [
     ("other merge_tensor work", ["merge_tensor ("]),
     ("executor / job plumbing", ["pipeline/executor.py", "concurrent/futures/", "multiprocessing/"]),
 ]
-SYSCALLS = "pwrite64,fsync,fdatasync,madvise,renameat,renameat2,rename"
+# the categories above in four groups: the maths, reading inputs, writing outputs, the rest
+GROUPS = [
+    ("the maths (selection, float64 sums, sparsifier apply, merge kernel)",
+     ("selection", "float64 sums", "sparsifier apply", "merge method kernel")),
+    ("reading inputs (decode, tau, page faults, madvise)", ("decode inputs", "release mapped pages")),
+    ("writing outputs (cast, pwrite, masks, durability, reduce)",
+     ("output cast", "pwrite", "masks:", "fsync", "reduce")),
+    ("start-up, plan, plumbing, other merge_tensor work",
+     ("start-up", "plan +", "executor", "other merge_tensor")),
+]
+SYSCALLS = "pwrite64,fsync,fdatasync,syncfs,madvise,renameat,renameat2,rename"
 
 
 PY_FRAME = re.compile(r".+ \(.+:\d+\)$")   # "function (file.py:line)"; process labels are not
@@ -148,7 +163,13 @@ def render(res: dict) -> str:
         vals = [r["profile"]["categories"].get(c, 0) / max(1, r["profile"]["samples"]) for r in runs]
         if any(v >= 0.001 for v in vals):
             lines.append(f"| {c} | " + " | ".join(f"{v:.1%}" for v in vals) + " |")
-    lines += ["| samples (driver / workers) | " + " | ".join(
+    groups = [(g, [c for c, _ in CATEGORIES if any(c.startswith(p) for p in pre)]) for g, pre in GROUPS]
+    lines += ["", "Grouped (the same samples):", "", head, "| --- |" + " ---: |" * len(runs)]
+    for g, members in groups:
+        vals = [sum(r["profile"]["categories"].get(c, 0) for c in members) / max(1, r["profile"]["samples"])
+                for r in runs]
+        lines.append(f"| {g} | " + " | ".join(f"{v:.1%}" for v in vals) + " |")
+    lines += ["", "| samples (driver / workers) | " + " | ".join(
         f"{r['profile']['processes'].get('driver', 0)} / {r['profile']['processes'].get('workers', 0)}"
         for r in runs) + " |", "",
         "## Wall time", "",
