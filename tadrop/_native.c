@@ -267,34 +267,48 @@ void tadrop_block_sums(int64_t K, int64_t nb, const float *x, int64_t ldx, int o
 
 /* hist[b] += #{i : bits(|x_i|) >> 16 == b} for b < 32768 (the sign bit is cleared) over n
    elements; returns 1 when some x_i is NaN or +-Inf (hist is then incomplete), 2 when out of
-   memory, else 0.  Odd elements count into a second histogram (the two are 512 KB, about L2), so
-   a value repeated back to back (task vectors have long runs) does not wait on its own last
-   increment. */
+   memory, else 0.  Per tile, the buckets are first taken in a vectorised loop (which streams x
+   from memory at full speed: 2.4x faster on tensors larger than the cache than one loop doing
+   both), then counted into four 32-bit histograms in turn (512 KB, about L2), so a value
+   repeated back to back (task vectors have long runs) does not wait on its own last increment;
+   they are added into hist every 2^30 elements, before a counter could overflow. */
 #define HI_BINS 32768
+#define HI_TILE 1024
+#define HI_SEGMENT (1LL << 30)
 
 TADROP_CLONES
 int tadrop_abs_hist_hi(const float *x, int64_t n, int64_t *hist)
 {
-    int64_t *odd = calloc(HI_BINS, sizeof *odd);
-    if (odd == NULL)
+    uint32_t *h = calloc(4 * HI_BINS, sizeof *h);
+    if (h == NULL)
         return 2;
     const uint32_t *u = (const uint32_t *)x;
     uint32_t bad = 0;
-    int64_t i = 0;
-    for (; i + 1 < n; i += 2) {
-        const uint32_t a = u[i] & 0x7fffffffu, b = u[i + 1] & 0x7fffffffu;
-        bad |= (a >= 0x7f800000u) | (b >= 0x7f800000u);
-        hist[a >> 16]++;
-        odd[b >> 16]++;
+    uint16_t key[HI_TILE];
+    for (int64_t s0 = 0; s0 < n; s0 += HI_SEGMENT) {
+        const int64_t s1 = (n - s0 < HI_SEGMENT) ? n : s0 + HI_SEGMENT;
+        for (int64_t i0 = s0; i0 < s1; i0 += HI_TILE) {
+            const int64_t t = (s1 - i0 < HI_TILE) ? s1 - i0 : HI_TILE;
+            for (int64_t i = 0; i < t; i++) {
+                const uint32_t a = u[i0 + i] & 0x7fffffffu;
+                bad |= (a >= 0x7f800000u);
+                key[i] = (uint16_t)(a >> 16);
+            }
+            int64_t i = 0;
+            for (; i + 3 < t; i += 4) {
+                h[key[i]]++;
+                h[HI_BINS + key[i + 1]]++;
+                h[2 * HI_BINS + key[i + 2]]++;
+                h[3 * HI_BINS + key[i + 3]]++;
+            }
+            for (; i < t; i++)
+                h[key[i]]++;
+        }
+        for (int64_t v = 0; v < HI_BINS; v++)
+            hist[v] += (int64_t)h[v] + h[HI_BINS + v] + h[2 * HI_BINS + v] + h[3 * HI_BINS + v];
+        memset(h, 0, 4 * HI_BINS * sizeof *h);
     }
-    for (; i < n; i++) {
-        const uint32_t a = u[i] & 0x7fffffffu;
-        bad |= (a >= 0x7f800000u);
-        hist[a >> 16]++;
-    }
-    for (int b = 0; b < HI_BINS; b++)
-        hist[b] += odd[b];
-    free(odd);
+    free(h);
     return bad != 0;
 }
 
@@ -308,13 +322,15 @@ static inline __attribute__((always_inline)) int64_t
 hist_lo(const int skip_zeros, const uint32_t *u, int64_t n, const uint8_t *slot, int64_t nslots,
         int64_t *lo)
 {
-    uint32_t idx[1024];
+    uint32_t idx[HI_TILE], bits[HI_TILE];
     int64_t zeros = 0;
-    for (int64_t i0 = 0; i0 < n; i0 += 1024) {
-        const int64_t t = (n - i0 < 1024) ? n - i0 : 1024;
+    for (int64_t i0 = 0; i0 < n; i0 += HI_TILE) {
+        const int64_t t = (n - i0 < HI_TILE) ? n - i0 : HI_TILE;
         int64_t c = 0;
+        for (int64_t i = 0; i < t; i++)       /* vectorised: streams x at full speed (2.1x) */
+            bits[i] = u[i0 + i] & 0x7fffffffu;
         for (int64_t i = 0; i < t; i++) {
-            const uint32_t a = u[i0 + i] & 0x7fffffffu;
+            const uint32_t a = bits[i];
             const uint32_t s = slot[a >> 16];
             idx[c] = (s << 16) | (a & 0xffffu);
             if (skip_zeros) {
