@@ -23,7 +23,7 @@ AVX-512, AVX2 and the baseline, and the loader picks the best the CPU has (targe
 
 #define TILE 512
 
-int tadrop_native_abi(void) { return 3; }
+int tadrop_native_abi(void) { return 4; }
 
 /* EMR elect / mask / unify (official harveyhuang18/EMR_Merging `emr_merge`, SPEC 2;
    methods.emr is the torch path) on n elements of K task rows, tile by tile:
@@ -32,27 +32,39 @@ int tadrop_native_abi(void) { return 3; }
      uni_j    = flag * max(+0, max_k over M_k,j of t[k][j] * flag)
      mu[k][j] = M_k,j ? max(...) : +0                   (the rescaler's |M_k tau_uni| term)
    t, keep, masks, mu: row k at row stride ldt, ldk, ldm, ldmu elements; keep may be NULL;
-   masks are bytes 0/1 (torch bool). */
+   masks are bytes 0/1 (torch bool).
+   pre (NULL, or 3K floats lam, scale, weight per task): each t[k][j] is first replaced, in place,
+   by ((|t| <= lam_k ? +0 : t) * scale_k) * weight_k in float32, the sparsifier's apply and the
+   task weight as the engine runs them (sparsify.TADrop.apply, then the weight), fused here so
+   the block is not walked once more for them.
+   kept, hist (NULL, or K and K + 1 counters): the mask statistics of native.mask_counts, added. */
+void tadrop_mask_counts(int64_t K, int64_t n, const uint8_t *m, int64_t ld, int64_t *kept,
+                        int64_t *hist);
+
 static inline __attribute__((always_inline)) void
-emr_span(int64_t K, int64_t m, const float *t, int64_t ldt, const uint8_t *keep, int64_t ldk,
-         uint8_t *masks, int64_t ldm, float *uni, float *mu, int64_t ldmu)
+emr_span(int64_t K, int64_t m, float *restrict t, int64_t ldt, const uint8_t *restrict keep,
+         int64_t ldk, uint8_t *restrict masks, int64_t ldm, float *restrict uni,
+         float *restrict mu, int64_t ldmu, const float *restrict pre, int64_t *kept, int64_t *hist)
 {
     double S[TILE];
     float flag[TILE], u[TILE];
     for (int64_t j0 = 0; j0 < m; j0 += TILE) {
         const int64_t n = (m - j0 < TILE) ? m - j0 : TILE;
-        if (K > 0) {
-            const float *t0 = t + j0;
-            for (int64_t j = 0; j < n; j++)
-                S[j] = (double)t0[j];
-        } else {
-            for (int64_t j = 0; j < n; j++)
-                S[j] = 0.0;
-        }
-        for (int64_t k = 1; k < K; k++) {
-            const float *tk = t + k * ldt + j0;
-            for (int64_t j = 0; j < n; j++)
-                S[j] += (double)tk[j];
+        for (int64_t j = 0; j < n; j++)
+            S[j] = 0.0;
+        for (int64_t k = 0; k < K; k++) {
+            float *tk = t + k * ldt + j0;
+            if (pre != NULL) {
+                const float lam = pre[k], sc = pre[K + k], w = pre[2 * K + k];
+                for (int64_t j = 0; j < n; j++) {
+                    const float v = ((fabsf(tk[j]) <= lam ? 0.0f : tk[j]) * sc) * w;
+                    tk[j] = v;
+                    S[j] = k ? S[j] + (double)v : (double)v;
+                }
+            } else {
+                for (int64_t j = 0; j < n; j++)
+                    S[j] = k ? S[j] + (double)tk[j] : (double)tk[j];
+            }
         }
         for (int64_t j = 0; j < n; j++) {
             flag[j] = S[j] > 0.0 ? 1.0f : -1.0f;
@@ -87,6 +99,8 @@ emr_span(int64_t K, int64_t m, const float *t, int64_t ldt, const uint8_t *keep,
             for (int64_t j = 0; j < n; j++)
                 o[j] = mk[j] ? u[j] : 0.0f;
         }
+        if (kept != NULL)     /* a call: inlined into this loop nest, its loops do not vectorise */
+            tadrop_mask_counts(K, n, masks + j0, ldm, kept, hist);
     }
 }
 
@@ -126,25 +140,26 @@ static inline __attribute__((always_inline)) double block_sum(const int op, cons
    abs_sums[k * nb + b] = the block sum of |t[k]| and uni_sums[k * nb + b] = that of mu[k] (the
    order of tadrop_block_sums, so Sum64Rows takes them as its own), with mu kept in an L1/L2
    buffer instead of `mu` (which gets only the elements outside those blocks: the caller feeds
-   them to Sum64Rows itself).  nb = 0: plain EMR, mu written everywhere.  Returns 2 when out of
-   memory (nothing written), else 0. */
+   them to Sum64Rows itself).  nb = 0: plain EMR, mu written everywhere.  pre, kept, hist: see
+   emr_span.  Returns 2 when out of memory (nothing written), else 0. */
 TADROP_CLONES
-int tadrop_emr_block(int64_t K, int64_t m, const float *t, int64_t ldt, const uint8_t *keep,
+int tadrop_emr_block(int64_t K, int64_t m, float *t, int64_t ldt, const uint8_t *keep,
                      int64_t ldk, uint8_t *masks, int64_t ldm, float *uni, float *mu,
-                     int64_t ldmu, int64_t head, int64_t nb, double *abs_sums, double *uni_sums)
+                     int64_t ldmu, int64_t head, int64_t nb, double *abs_sums, double *uni_sums,
+                     const float *pre, int64_t *kept, int64_t *hist)
 {
     if (nb <= 0 || K <= 0) {
-        emr_span(K, m, t, ldt, keep, ldk, masks, ldm, uni, mu, ldmu);
+        emr_span(K, m, t, ldt, keep, ldk, masks, ldm, uni, mu, ldmu, pre, kept, hist);
         return 0;
     }
     float *buf = malloc((size_t)K * SUM_BLOCK * sizeof *buf);
     if (buf == NULL)
         return 2;
-    emr_span(K, head, t, ldt, keep, ldk, masks, ldm, uni, mu, ldmu);
+    emr_span(K, head, t, ldt, keep, ldk, masks, ldm, uni, mu, ldmu, pre, kept, hist);
     for (int64_t b = 0; b < nb; b++) {
         const int64_t j0 = head + b * SUM_BLOCK;
         emr_span(K, SUM_BLOCK, t + j0, ldt, keep == NULL ? NULL : keep + j0, ldk, masks + j0, ldm,
-                 uni + j0, buf, SUM_BLOCK);
+                 uni + j0, buf, SUM_BLOCK, pre, kept, hist);
         for (int64_t k = 0; k < K; k++) {
             abs_sums[k * nb + b] = block_sum(1, t + k * ldt + j0);
             uni_sums[k * nb + b] = block_sum(0, buf + k * SUM_BLOCK);
@@ -152,7 +167,7 @@ int tadrop_emr_block(int64_t K, int64_t m, const float *t, int64_t ldt, const ui
     }
     const int64_t j1 = head + nb * SUM_BLOCK;
     emr_span(K, m - j1, t + j1, ldt, keep == NULL ? NULL : keep + j1, ldk, masks + j1, ldm,
-             uni + j1, mu + j1, ldmu);
+             uni + j1, mu + j1, ldmu, pre, kept, hist);
     free(buf);
     return 0;
 }

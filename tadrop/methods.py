@@ -141,6 +141,7 @@ class EMRChunk:
     masks: torch.Tensor                    # bool [K, *chunk]
     abs_tau_sum: torch.Tensor | None       # float64 [K]: sum |tau'_k| over the chunk
     abs_uni_sum: torch.Tensor | None       # float64 [K]: sum |M_k tau_uni| over the chunk
+    counts: tuple[list[int], list[int]] | None = None   # with counts=True: _bools.mask_counts(masks)
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,7 @@ class EMRSums:
 
 
 def emr(taus, *, out_uni=None, out_masks=None, sums: EMRSums | None = None,
-        keep: torch.Tensor | None = None) -> EMRChunk:
+        keep: torch.Tensor | None = None, pre=None, counts: bool = False) -> EMRChunk:
     """EMR-Merging elect/mask/unify (official harveyhuang18/EMR_Merging `emr_merge`):
     flag = +1 where sum_k tau'_k > 0 else -1; M_k = tau'_k * flag > 0 (strict);
     tau_uni = flag * max_k |M_k tau'_k|.  The rescaler sums go into `sums` when
@@ -183,7 +184,11 @@ def emr(taus, *, out_uni=None, out_masks=None, sums: EMRSums | None = None,
 
     keep (bool [K, *chunk], EMR + TADrop 'mask' integration, SPEC 2): taus are the
     raw weighted tau_k, and M_k = (tau_k * flag > 0) AND keep_k enters tau_uni and
-    the rescaler sums; flag still comes from the raw sum."""
+    the rescaler sums; flag still comes from the raw sum.
+
+    pre (float32 [3, K]: lam, scale, weight per task, `elementwise_apply`): taus are first
+    replaced in place by ((|tau| <= lam ? +0 : tau) * scale) * weight, Phi's apply and the task
+    weight, in the same pass as the combine.  counts: also _bools.mask_counts of the masks."""
     K = taus.shape[0]
     t2 = _flat_tasks(taus)
     m = t2.shape[1]
@@ -194,23 +199,45 @@ def emr(taus, *, out_uni=None, out_masks=None, sums: EMRSums | None = None,
     head = acc.abs_tau.head(m)              # both streams are fed in lockstep: the same head
     nb = (m - head) // SUM_BLOCK
     fused = native.emr_block(t2, None if keep is None else keep.reshape(K, m), masks.view(K, m),
-                             tau_uni.view(-1), mu, head, nb)
+                             tau_uni.view(-1), mu, head, nb, pre=pre, counts=counts)
+    got = None
     if fused is not None:      # the nb whole blocks' sums came with it (mu holds the rest only)
-        tail = head + nb * SUM_BLOCK if fused else head
+        tail = head + nb * SUM_BLOCK if "sums" in fused else head
         acc.abs_tau.add(t2[:, :head])
         acc.abs_uni.add(mu[:, :head])
-        if fused:
-            acc.abs_tau.extend(fused[0])
-            acc.abs_uni.extend(fused[1])
+        if "sums" in fused:
+            acc.abs_tau.extend(fused["sums"][0])
+            acc.abs_uni.extend(fused["sums"][1])
         acc.abs_tau.add(t2[:, tail:])
         acc.abs_uni.add(mu[:, tail:])
+        if counts:
+            got = ([int(v) for v in fused["kept"]], [int(v) for v in fused["hist"]])
     else:
+        if pre is not None:
+            apply_elementwise(t2, pre)
         _emr_torch(t2, keep, masks, tau_uni, acc)
+        if counts:
+            got = B.mask_counts(masks.view(K, m))
     if sums is not None:
-        return EMRChunk(tau_uni, masks, None, None)
+        return EMRChunk(tau_uni, masks, None, None, got)
     p = acc.partials(m)
     return EMRChunk(tau_uni, masks, torch.tensor(p.abs_tau_sum, dtype=torch.float64),
-                    torch.tensor(p.abs_uni_sum, dtype=torch.float64))
+                    torch.tensor(p.abs_uni_sum, dtype=torch.float64), got)
+
+
+def apply_elementwise(t2: torch.Tensor, pre) -> torch.Tensor:
+    """t2[k] = ((|t2[k]| <= lam_k ? +0 : t2[k]) * scale_k) * weight_k in place, float32 ops in
+    that order (the torch twin of the C kernel's `pre`; pre float32 [3, K])."""
+    for k in range(t2.shape[0]):
+        lam, sc, w = (float(v) for v in (pre[0][k], pre[1][k], pre[2][k]))
+        row = t2[k]
+        if lam >= 0:
+            torch.ops.aten.hardshrink.out(row, lam, out=row) if lam < math.inf else row.zero_()
+        if sc != 1.0:
+            row.mul_(sc)
+        if w != 1.0:
+            row.mul_(w)
+    return t2
 
 
 def _emr_torch(t2, keep, masks, tau_uni, acc: EMRSums) -> None:

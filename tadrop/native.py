@@ -21,7 +21,7 @@ _tried = False
 
 
 SUM_BLOCK = 4096   # the block of every float64 sum (_buffers.SUM_BLOCK)
-ABI = 3          # tadrop_native_abi() of a library this code can call; bump with any change
+ABI = 4          # tadrop_native_abi() of a library this code can call; bump with any change
 
 
 def _candidates():
@@ -61,7 +61,8 @@ def _load():
             except AttributeError:
                 continue
             i64, p = ctypes.c_int64, ctypes.c_void_p
-            lib.tadrop_emr_block.argtypes = [i64, i64, p, i64, p, i64, p, i64, p, p, i64, i64, i64, p, p]
+            lib.tadrop_emr_block.argtypes = [i64, i64, p, i64, p, i64, p, i64, p, p, i64, i64, i64, p, p,
+                                             p, p, p]
             lib.tadrop_emr_block.restype = ctypes.c_int
             lib.tadrop_ties_block.argtypes = [i64, i64, p, i64, p, ctypes.c_double, p]
             lib.tadrop_ties_block.restype = None
@@ -110,13 +111,17 @@ def _rows_ok(x: torch.Tensor, dtype) -> bool:
 
 
 def emr_block(t2: torch.Tensor, keep: torch.Tensor | None, masks: torch.Tensor,
-              uni: torch.Tensor, mu: torch.Tensor, head: int = 0, nb: int = 0):
+              uni: torch.Tensor, mu: torch.Tensor, head: int = 0, nb: int = 0,
+              pre: np.ndarray | None = None, counts: bool = False):
     """EMR elect/mask/unify of one block by the C kernel (see _native.c); None when the kernel
     is not there or the tensors are not CPU rows it can take (the caller runs the torch path).
     t2 float32 [K, m], keep bool [K, m] or None, masks bool [K, m], uni float32 [m] contiguous,
-    mu float32 [K, m] (M_k * |tau_uni|).  With nb > 0 the rescaler sums of the nb SUM_BLOCK-element
-    blocks from element `head` on are taken in the same pass: returns (sums of |t2|, sums of mu),
-    numpy float64 [K, nb] each, and mu is written only outside those blocks; else returns ()."""
+    mu float32 [K, m] (M_k * |tau_uni|).  Returns a dict:
+      - with nb > 0, "sums": (sums of |t2|, sums of mu), numpy float64 [K, nb] each, over the nb
+        SUM_BLOCK-element blocks from element `head` on (mu is then written only outside them);
+      - with `counts`, "kept" (int64 [K]) and "hist" (int64 [K + 1]): native.mask_counts of masks.
+    pre: float32 [3, K] (lam, scale, weight per task) applies t2 = ((|t2| <= lam ? +0 : t2) * scale)
+    * weight in place first (a sparsifier's elementwise apply and the task weight)."""
     L = lib()
     if L is None or not (_rows_ok(t2, torch.float32) and _rows_ok(masks, torch.bool)
                          and _rows_ok(mu, torch.float32) and uni.is_contiguous()
@@ -126,16 +131,29 @@ def emr_block(t2: torch.Tensor, keep: torch.Tensor | None, masks: torch.Tensor,
     K, m = t2.shape
     if nb < 0 or head < 0 or head + nb * SUM_BLOCK > m:
         raise ValueError(f"emr_block: {nb} blocks from {head} do not fit in {m} elements")
+    if pre is not None:
+        pre = np.ascontiguousarray(pre, dtype=np.float32)
+        if pre.shape != (3, K):
+            raise ValueError(f"emr_block: pre of shape {pre.shape}, expected (3, {K})")
     nb = nb if K else 0
     abs_s, uni_s = np.empty((K, nb), dtype=np.float64), np.empty((K, nb), dtype=np.float64)
+    kept, hist = (np.zeros(K, dtype=np.int64), np.zeros(K + 1, dtype=np.int64)) if counts else (None, None)
     err = L.tadrop_emr_block(K, m, t2.data_ptr(), t2.stride(0),
                              None if keep is None else keep.data_ptr(),
                              0 if keep is None else keep.stride(0), masks.data_ptr(), masks.stride(0),
                              uni.data_ptr(), mu.data_ptr(), mu.stride(0), head, nb,
-                             abs_s.ctypes.data, uni_s.ctypes.data)
+                             abs_s.ctypes.data, uni_s.ctypes.data,
+                             None if pre is None else pre.ctypes.data,
+                             None if kept is None else kept.ctypes.data,
+                             None if hist is None else hist.ctypes.data)
     if err == 2:
         raise MemoryError("tadrop_emr_block: out of memory")
-    return (abs_s, uni_s) if nb else ()
+    out = {}
+    if nb:
+        out["sums"] = (abs_s, uni_s)
+    if counts:
+        out["kept"], out["hist"] = kept, hist
+    return out
 
 
 def ties_block(t2: torch.Tensor, base: torch.Tensor, lam: float, out: torch.Tensor) -> bool:

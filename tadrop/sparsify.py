@@ -99,6 +99,12 @@ class Sparsifier:
         """bool, shaped like `out` (numel of tau): the entries Phi keeps (before any rescale)."""
         raise ValueError(f"{type(self).__name__} has no keep mask")
 
+    def elementwise(self, stats: SparsifyStats) -> tuple[float, float] | None:
+        """(lam, scale) when `apply` is exactly x -> (|x| <= lam ? +0 : x) * scale in float32
+        (lam < 0: nothing zeroed, inf: everything), so a combine kernel can run it in its own
+        pass; None when it is not (DARE's random drop).  The base class applies nothing."""
+        return (-1.0, 1.0) if type(self).apply is Sparsifier.apply else None
+
     def rescale_factor(self, stats: SparsifyStats) -> float:
         """The factor Phi multiplies the kept entries by (1 where it does not rescale)."""
         raise ValueError(f"{type(self).__name__} has no keep mask")
@@ -435,6 +441,14 @@ class TADrop(Sparsifier):
             tau.mul_(stats.scale)
         return tau
 
+    def elementwise(self, stats):
+        if type(self).apply is not TADrop.apply:
+            return None
+        if stats.kept == 0:
+            return (math.inf, 1.0)
+        shrink = stats.kept != stats.numel and stats.threshold > 0
+        return (prev_float32(stats.threshold) if shrink else -1.0, float(stats.scale))
+
     def keep_entries(self, tau, stats, out):
         return _keep_at_least(tau, stats, out)
 
@@ -501,6 +515,11 @@ class TopK(Sparsifier):
         if stats.threshold > 0:
             _shrink(tau, stats.threshold, tau)
         return tau
+
+    def elementwise(self, stats):
+        if type(self).apply is not TopK.apply:
+            return None
+        return (prev_float32(stats.threshold) if stats.threshold > 0 else -1.0, 1.0)
 
     def keep_entries(self, tau, stats, out):
         return _keep_at_least(tau, stats, out)

@@ -25,10 +25,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from . import _bools as B
 from . import methods as M
+from . import native
 from ._buffers import CACHE_BLOCK, begin_scratch_generation, scratch
 from .quantile import AbsSelector, NonFiniteError
 from .sparsify import ChunkKey, Sparsifier, SparsifyStats, TADrop, TopK
@@ -266,13 +268,16 @@ class _Combiner:
         return (M.ties_vector if inner == "ties" else M.task_sum)(taus, out=out)
 
     def _count(self, masks):
-        kept, hist = B.mask_counts(masks)
+        self._add_counts(*B.mask_counts(masks))
+
+    def _add_counts(self, kept, hist):
         self.mask_counts = [a + b for a, b in zip(self.mask_counts, kept)]
         self.mask_hist = [a + b for a, b in zip(self.mask_hist, hist)]
 
-    def __call__(self, r0, r1, taus, base, sink, keep=None, prep=None):
+    def __call__(self, r0, r1, taus, base, sink, keep=None, prep=None, pre=None):
         """Combines rows r0:r1 (taus float32 [K, m], base [m]) block by block (`_blocks`);
-        `prep(j0, j1)` first brings the block's task rows through Phi and the weights."""
+        `prep(j0, j1)` first brings the block's task rows through Phi and the weights, or, for EMR,
+        `pre` (float32 [3, K], `fused_apply`) has its kernel do that in the same pass."""
         spec, K, m = self.spec, self.spec.K, base.numel()
         rs = _rows_shape(self.shape, r0, r1)
         method = spec.method
@@ -293,8 +298,11 @@ class _Combiner:
         masks = scratch("eng.masks", K * m, torch.bool, self.device).view(K, m)
         uni = scratch("eng.uni", m, torch.float32, self.device)
         if method == "emr":
-            each(lambda j0, j1, t, kp: M.emr(t, out_uni=uni[j0:j1], out_masks=masks[:, j0:j1],
-                                             sums=self.emr_sums, keep=kp))
+            def emr(j0, j1, t, kp):   # the masks are counted in the same pass, block by block
+                c = M.emr(t, out_uni=uni[j0:j1], out_masks=masks[:, j0:j1], sums=self.emr_sums,
+                          keep=kp, pre=pre, counts=True)
+                self._add_counts(*c.counts)
+            each(emr)
             sink.unified(r0, r1, uni.view(rs))
         else:
             out = scratch("eng.out", m, torch.float32, self.device) if method == "consensus" else None
@@ -310,7 +318,8 @@ class _Combiner:
                 sink.unified(r0, r1, uni.view(rs))
             else:
                 sink.merged(r0, r1, out.view(rs))
-        self._count(masks)
+        if method != "emr":
+            self._count(masks)
         sink.masks(r0, r1, masks.view(K, *rs))
         for i, g in enumerate(spec.tall_grid):       # `tadrop tune`: every grid value's masks
             for j0, j1 in blocks:
@@ -370,9 +379,23 @@ def merge_tensor(spec: MergeSpec, name: str, src: TensorSource, sink: TensorSink
         if spec.weights[k] != 1.0:
             t.mul_(spec.weights[k])
 
+    def fused_apply():
+        """float32 [3, K] (lam, scale, weight per task) when EMR's kernel can apply Phi and the
+        weights itself in its pass over each block (every task's Phi elementwise, on the CPU with
+        the native kernels), else None: then `prep` applies them before the combine."""
+        if spec.method != "emr" or mask_mode or official or dev.type != "cpu" or not native.available():
+            return None
+        parts = [spec.phi(k).elementwise(stats[k]) for k in range(K)]
+        if any(p is None for p in parts):
+            return None
+        return np.array([[p[0] for p in parts], [p[1] for p in parts],
+                         [float(spec.weights[k]) for k in range(K)]], dtype=np.float32)
+
     def prep(taus, keep, offset):
         """prep(j0, j1) for the combiner: Phi's apply (or its keep mask), the official trim, the
         weights, on the block's task rows while they are in cache."""
+        if pre is not None:
+            return None
         def run(j0, j1):
             for k in range(K):
                 t = taus[k, j0:j1]
@@ -399,7 +422,8 @@ def merge_tensor(spec: MergeSpec, name: str, src: TensorSource, sink: TensorSink
             else:
                 stats[k] = _named(lambda: spec.phi(k).fit(t, global_value=gv[k]), name, task)
             remember_zero_fit(k)
-        comb(0, rows, taus, base, sink, keep_buf, prep(taus, keep_buf, 0))
+        pre = fused_apply()
+        comb(0, rows, taus, base, sink, keep_buf, prep(taus, keep_buf, 0), pre)
     else:
         for k in range(K):
             task, phi = spec.task_names[k], spec.phi(k)
@@ -414,6 +438,7 @@ def merge_tensor(spec: MergeSpec, name: str, src: TensorSource, sink: TensorSink
                 stats[k] = _named(lambda: phi.fit_streamed(rd.chunks(k, cr), n, global_value=gv[k]),
                                   name, task)
             remember_zero_fit(k)
+        pre = fused_apply()
         taus_buf = scratch("eng.taus", K * cap, torch.float32, dev).view(K, cap)
         base_buf = scratch("eng.base", cap, torch.float32, dev)
         for r0 in range(0, rows, cr):
@@ -424,7 +449,7 @@ def merge_tensor(spec: MergeSpec, name: str, src: TensorSource, sink: TensorSink
             keep = keep_buf[:, :m] if keep_buf is not None else None
             for k in range(K):
                 rd.tau(k, r0, r1, base, taus[k])
-            comb(r0, r1, taus, base, sink, keep, prep(taus, keep, r0 * rn))
+            comb(r0, r1, taus, base, sink, keep, prep(taus, keep, r0 * rn), pre)
     has_masks = "masks" in spec.outputs
     rows_out = [_stats_row(name, spec.task_names[k], stats[k],
                            (comb.mask_counts[k] / n if n else 0.0) if has_masks else None)

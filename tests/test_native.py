@@ -61,6 +61,37 @@ def test_emr_block_same_bits_as_torch(monkeypatch, K, with_keep):
     assert torch.equal(fast.tau_uni, flag * (t.abs() * Mk).amax(0))
 
 
+@pytest.mark.parametrize("K", [1, 3, 4])
+def test_emr_block_pre_apply_and_counts_same_bits(monkeypatch, K):
+    """The kernel's fused Phi apply + weights (`pre`) and mask counts against the torch twin
+    (methods.apply_elementwise, then EMR, then _bools.mask_counts): no shrink, a shrink, all
+    dropped, rescales, negative weights; -0.0 and zeros in the input."""
+    import numpy as np
+    from tadrop import _bools as B
+    m = 2 * 4096 + 999
+    t = task_rows(K, m, seed=20 + K)
+    lam = [-1.0, float(t[min(1, K - 1)].abs().median()), math.inf, 0.0][:K] if K > 1 else [1e-4]
+    pre = np.array([lam, [1.0, 1.7, 1.0, 0.9][:K], [1.0, -2.0, 0.5, -1.0][:K]], dtype=np.float32)
+
+    def run():
+        x = t.clone()
+        out = M.emr(x, pre=pre, counts=True)
+        return x, out
+    (xf, fast), (xs, slow) = both(monkeypatch, run)
+    assert torch.equal(bits(xf), bits(xs))              # the applied task rows, in place
+    assert torch.equal(fast.masks, slow.masks)
+    assert torch.equal(bits(fast.tau_uni), bits(slow.tau_uni))
+    assert torch.equal(fast.abs_tau_sum, slow.abs_tau_sum)
+    assert torch.equal(fast.abs_uni_sum, slow.abs_uni_sum)
+    assert fast.counts == slow.counts == B.mask_counts(fast.masks)
+    # and what was applied is Phi's apply then the weight, element by element
+    ref = t.clone()
+    for k in range(K):
+        r = torch.where(ref[k].abs() <= float(pre[0][k]), torch.zeros(()), ref[k])
+        ref[k] = r * float(pre[1][k]) * float(pre[2][k])
+    assert torch.equal(bits(xf), bits(ref))
+
+
 @pytest.mark.parametrize("cuts", [[], [100], [4095, 1, 4096 * 2 + 7], [5000, 3, 4096]])
 def test_emr_streamed_rescaler_sums_same_bits(monkeypatch, cuts):
     """The kernel takes the rescaler sums of the whole blocks after a chunk's head in its own pass;

@@ -299,3 +299,39 @@ def streamed_fixed_bytes() -> int:
     from tadrop.streamed import _FIXED_BYTES
     assert _FIXED_BYTES <= 4 << 20
     return _FIXED_BYTES
+
+
+@pytest.mark.parametrize("phi", [TADrop(), TADrop(rescale="inverse_keep"), TADrop(a=0.0, b=1.0), TopK(0.3),
+                                 Identity()], ids=repr)
+@pytest.mark.parametrize("chunk_rows", [40, 9])
+def test_emr_fused_apply_same_bits(monkeypatch, phi, chunk_rows):
+    """EMR's kernel applies Phi and the task weights in its own pass over each block (`pre`);
+    with that turned off (prep applies them first, as for every other method) the bytes, masks,
+    stats, rescaler sums and mask counts are the same, weights of both signs included."""
+    from tadrop import native
+    from tadrop.sparsify import Sparsifier
+    if not native.available():
+        pytest.skip("the native kernels are not built on this install")
+    K, shape = 3, (40, 33)
+    base, tasks = family(shape, K, torch.bfloat16, seed=9)
+    tasks[1] = base.clone()                       # a task that changes nothing: its Phi keeps nothing
+    spec = MergeSpec("emr", task_names=names(K), weights=(1.0, 0.5, -2.0), sparsifier=phi)
+    plan = TensorPlan(chunk_rows, True, 0)
+    seen = []
+    real = native.emr_block
+
+    def spy(*a, **kw):
+        seen.append(kw.get("pre") is not None)
+        return real(*a, **kw)
+    monkeypatch.setattr(native, "emr_block", spy)
+    a, ra = run(spec, "w", base, tasks, plan)
+    assert seen and all(seen)                      # the kernel applied Phi itself
+    seen.clear()
+    monkeypatch.setattr(Sparsifier, "elementwise", lambda self, st: None)
+    for cls in (TADrop, TopK):
+        monkeypatch.setattr(cls, "elementwise", lambda self, st: None)
+    b, rb = run(spec, "w", base, tasks, plan)
+    assert seen and not any(seen)
+    assert same_bits(a.unified_t, b.unified_t) and same_bits(a.masks_t, b.masks_t)
+    assert ra.to_dict() == rb.to_dict()
+    assert ra.mask_counts["hist"][0] > 0 and sum(ra.mask_counts["hist"]) == base.numel()
