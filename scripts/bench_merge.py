@@ -89,6 +89,8 @@ class Result:
     others_cpu_share: float  # share of all cores used by other processes during the case
     tree_cpu_s: float       # CPU seconds of the measured process tree
     sampler_cpu_s: float
+    tree_sys_s: float | None = None   # of which in the kernel (page-cache fills of reads and writes)
+    timeline: dict | None = None      # tadrop: job id -> seconds into the run when the ledger held it
     target_wall_s: float | None = None
     target_rss_gib: float | None = None
     meets_wall: bool | None = None
@@ -182,12 +184,12 @@ def _rss(pid: int) -> tuple[int, int] | None:
         return None
 
 
-def _cpu_s(pid: int) -> float | None:
-    """CPU seconds (user + system) the process itself has used so far."""
+def _cpu_s(pid: int) -> tuple[float, float] | None:
+    """(user + system, system) CPU seconds the process itself has used so far."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             rest = f.read().rsplit(b")", 1)[1].split()
-        return (int(rest[11]) + int(rest[12])) / TICK
+        return (int(rest[11]) + int(rest[12])) / TICK, int(rest[12]) / TICK
     except (OSError, ValueError, IndexError):
         return None
 
@@ -205,7 +207,23 @@ def _pss(pid: int) -> int | None:
     return None
 
 
-def run_measured(cmd: list[str], log: Path, env=None, interval=0.05, pss_interval=2.0) -> dict:
+def _ledger_jobs(state: Path) -> list[str]:
+    """Job ids recorded in a run's ledger so far (a torn last line is not a record)."""
+    try:
+        lines = (state / "ledger.jsonl").read_bytes().split(b"\n")
+    except OSError:
+        return []
+    out = []
+    for x in lines[:-1]:
+        try:
+            out.append(json.loads(x)["job"])
+        except (ValueError, KeyError):
+            pass
+    return out
+
+
+def run_measured(cmd: list[str], log: Path, env=None, interval=0.05, pss_interval=2.0,
+                 ledger: Path | None = None) -> dict:
     """Run cmd in its own session, sampling its process tree: wall time and peak sums.
 
     RSS, anonymous RSS and CPU time every `interval` s, the tree every 4th sample,
@@ -218,7 +236,8 @@ def run_measured(cmd: list[str], log: Path, env=None, interval=0.05, pss_interva
     cpu0 = time.process_time()
     busy0 = _busy_cpu_s()
     io0 = _self_read_bytes()
-    cpu: dict[int, float] = {}  # last CPU seconds seen per process of the tree
+    cpu: dict[int, tuple[float, float]] = {}  # last (CPU, system CPU) seconds per process of the tree
+    timeline: dict[str, float] = {}   # `ledger`: job id -> seconds after the start when first seen
     with open(log, "w") as lf:
         lf.write("$ " + shlex.join(cmd) + "\n")
         lf.flush()
@@ -242,18 +261,22 @@ def run_measured(cmd: list[str], log: Path, env=None, interval=0.05, pss_interva
                 peak["pss"] = max(peak["pss"], sum(filter(None, map(_pss, pids))))
                 pss_samples += 1
                 next_pss = time.perf_counter() + pss_interval
+            if ledger is not None and samples % 4 == 0:
+                for j in _ledger_jobs(ledger):
+                    timeline.setdefault(j, round(now - t0, 2))
             samples += 1
             time.sleep(interval)
         wall = time.perf_counter() - t0
     # per-process own CPU, last seen (misses at most each process's final 50-200 ms);
     # rusage of reaped children would miss grandchildren whose parent did not wait for them
-    tree_cpu = sum(cpu.values())
+    tree_cpu = sum(c for c, _ in cpu.values())
+    tree_sys = sum(sy for _, sy in cpu.values())
     sampler = time.process_time() - cpu0
     others = max(0.0, _busy_cpu_s() - busy0 - tree_cpu - sampler)
     return {"rc": p.returncode, "wall_s": wall, "samples": samples, "pss_samples": pss_samples,
-            "sampler_cpu_s": sampler, "tree_cpu_s": tree_cpu,
+            "sampler_cpu_s": sampler, "tree_cpu_s": tree_cpu, "tree_sys_s": tree_sys,
             "others_cpu_share": others / (wall * (os.cpu_count() or 1)),
-            "read_bytes": _self_read_bytes() - io0, **peak}
+            "read_bytes": _self_read_bytes() - io0, "timeline": timeline, **peak}
 
 
 # ---------------------------------------------------------------- page cache
@@ -444,7 +467,8 @@ def run_case(case: Case, man: dict, args, data: Path, rnd: int = 0, resume: bool
     cache = cache_state(args.cache, inputs, case.tool, venv_python)
     seen = f"machine {busy:.0%} busy before" if busy >= 0 else "idle wait off"
     print(f"[{case.name}] {seen}, {cache}; running ...", flush=True)
-    m = run_measured(cmd, log, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    m = run_measured(cmd, log, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                     ledger=run_dir / ".tadrop" if case.tool == "tadrop" else None)
     if case.tool == "tadrop" and m["rc"] == 0:
         st = subprocess.run(tadrop_cmd(args) + ["status", str(run_dir)], cwd=REPO,
                             capture_output=True, text=True)
@@ -456,9 +480,10 @@ def run_case(case: Case, man: dict, args, data: Path, rnd: int = 0, resume: bool
                peak_procs=m["procs"], samples=m["samples"], pss_samples=m["pss_samples"],
                cache=cache, busy_before=busy, others_cpu_share=round(m["others_cpu_share"], 3),
                tree_cpu_s=round(m["tree_cpu_s"], 1), sampler_cpu_s=round(m["sampler_cpu_s"], 2),
+               tree_sys_s=round(m["tree_sys_s"], 1),
                output_gb=round(dir_gb(run_dir), 3), log=_rel(log), notes=notes,
                input_bytes=sum(f.stat().st_size for d in inputs for f in d.glob("*.safetensors")),
-               read_bytes=m["read_bytes"], round=rnd)
+               read_bytes=m["read_bytes"], round=rnd, timeline=m["timeline"] or None)
     r.read_ratio = round(r.read_bytes / r.input_bytes, 4) if r.input_bytes else None
     if case.tool == "tadrop" and r.rc == 0:
         record = json.loads((run_dir / "run.json").read_text())
@@ -543,6 +568,20 @@ def resume_test(case: Case, man: dict, args, data: Path, full: Result) -> Result
                 "extra_s": round(extra, 1), "allowance_s": round(allowance, 1),
                 "meets": r.rc == 0 and extra <= allowance,
                 "same_bytes_as_uninterrupted": r.digest is not None and r.digest == full.digest}
+    tl = full.timeline or {}
+    if done and all(j in tl for j in done if j.startswith("merge:")):
+        # the same split in time, from the uninterrupted run's ledger timeline: when had it recorded
+        # every job the killed run had? Cost is not linear in bytes (small tensors cost more per
+        # byte), so this is what the crash cost against that run, part by part.
+        t_same = max(tl[j] for j in done if j.startswith("merge:"))
+        r.resume.update({
+            "uninterrupted_s_to_same_jobs": t_same,
+            "killed_run_lost_s": round(killed_wall - t_same, 1),      # work in flight at the kill
+            "resume_minus_rest_of_uninterrupted_s": round(r.wall_s - (full.wall_s - t_same), 1),
+            "fixed_s": round(fixed_s, 1),
+            "in_flight_time_bound_s": round(
+                max((tl[j["id"]] for j in undone[:window] if j["id"] in tl), default=t_same) - t_same, 1),
+        })
     print(f"[{case.name} resume] {r.resume}", flush=True)
     if not args.keep_outputs:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -614,6 +653,14 @@ def verdicts(results: list[Result], meta: dict) -> list[str]:
             x = r.resume
             line(f"{r.case}: kill + resume - uninterrupted wall (s)", f"{x['extra_s']}",
                  f"<= {x['allowance_s']} (start-up + the {x['jobs_in_flight_max']} jobs in flight)", x["meets"])
+            if "uninterrupted_s_to_same_jobs" in x:   # the same split, timed on the uninterrupted run
+                bound = round(x["fixed_s"] + x["in_flight_time_bound_s"], 1)
+                line(f"{r.case}: resume - the uninterrupted run's time after the same jobs (s)",
+                     f"{x['resume_minus_rest_of_uninterrupted_s']}",
+                     f"<= {bound} (start-up {x['fixed_s']} + the jobs in flight there, "
+                     f"{x['in_flight_time_bound_s']}; it had the killed run's jobs at "
+                     f"{x['uninterrupted_s_to_same_jobs']} s, the killed run at {x['killed_after_s']} s)",
+                     x["resume_minus_rest_of_uninterrupted_s"] <= bound)
             line(f"{r.case}: resumed output bytes == uninterrupted", str(x["same_bytes_as_uninterrupted"]),
                  "True", x["same_bytes_as_uninterrupted"])
     return ["| target | measured | wanted | verdict |", "| --- | ---: | --- | --- |", *out]
@@ -626,7 +673,7 @@ def write_report(results: list[Result], meta: dict, out: Path, stem: str = "merg
     mk = {(r.method, r.k): r for r in results if r.tool == "mergekit"}
     label = {"ties": "TIES (top-k 0.2)", "emr_tadrop": "EMR + TADrop", "task_arithmetic": "Task arithmetic"}
     rows = ["| case | round | K | method | executor | wall s | peak RSS GiB | peak anon GiB | peak PSS GiB "
-            "| read / input | CPU s | others' CPU | vs mergekit (same round) |",
+            "| read / input | CPU s (of which system) | others' CPU | vs mergekit (same round) |",
             "| --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in results:
         wall = f"{r.wall_s:.1f}" if r.rc == 0 else f"failed (rc {r.rc})"
@@ -636,7 +683,8 @@ def write_report(results: list[Result], meta: dict, out: Path, stem: str = "merg
         rd = f"{r.read_ratio:.3f}" if r.read_ratio is not None else "-"
         rows.append(f"| {r.case} | {r.round} | {r.k} | {label[r.method]} | {r.executor} | {wall} | "
                     f"{r.peak_rss_gib:.2f} | {r.peak_anon_gib:.2f} | {r.peak_pss_gib:.2f} | {rd} | "
-                    f"{r.tree_cpu_s:.0f} | {r.others_cpu_share:.0%} | {vs} |")
+                    f"{r.tree_cpu_s:.0f}" + (f" ({r.tree_sys_s:.0f})" if r.tree_sys_s is not None else "")
+                    + f" | {r.others_cpu_share:.0%} | {vs} |")
     caches = sorted({r.cache for r in results})
     md = [
         "# Merge benchmark",
@@ -663,7 +711,9 @@ def write_report(results: list[Result], meta: dict, out: Path, stem: str = "merg
         "input checkpoints; with a cold cache that is what came off the disk. A resumed run reads its "
         "remaining inputs again, so its figure is not a tensor-scope figure.",
         "",
-        "CPU s: CPU time of the measured process tree. Others' CPU: the share of the machine's "
+        "CPU s: CPU time of the measured process tree; in parentheses the part spent in the kernel "
+        "(on this VM mostly filling the page cache: reads of cold inputs, writes of outputs). "
+        "Others' CPU: the share of the machine's "
         "cores that everything else (other people's jobs on this shared machine, and kernel "
         "threads such as page-cache writeback) used during the case; a high figure means the wall time "
         "is inflated by contention.",
