@@ -533,10 +533,9 @@ def resume_test(case: Case, man: dict, args, data: Path, full: Result) -> Result
             try:
                 jobs = [j for j in json.loads((state / "plan.json").read_text())["jobs"]
                         if j["id"].startswith("merge:")]
-                lines = (state / "ledger.jsonl").read_bytes().split(b"\n")
             except (OSError, ValueError, KeyError):
                 continue
-            done = {json.loads(x)["job"] for x in lines[:-1] if x}
+            done = set(_ledger_jobs(state))
             total_b = sum(j["bytes"] for j in jobs) or 1
             done_b = sum(j["bytes"] for j in jobs if j["id"] in done)
             if done_b >= total_b / 2:
@@ -544,13 +543,7 @@ def resume_test(case: Case, man: dict, args, data: Path, full: Result) -> Result
                 break
         p.wait()
     killed_wall = time.perf_counter() - t0
-    lines = (state / "ledger.jsonl").read_bytes().split(b"\n")
-    done = set()
-    for x in lines:
-        try:
-            done.add(json.loads(x)["job"])
-        except ValueError:
-            pass                                   # a line torn by the kill
+    done = set(_ledger_jobs(state))                # a line torn by the kill is not a record
     undone = [j for j in jobs if j["id"] not in done]
     window = 2 * args.workers                      # LocalExecutor's jobs in flight
     in_flight_b = sum(j["bytes"] for j in undone[:window])

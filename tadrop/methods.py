@@ -186,7 +186,7 @@ def emr(taus, *, out_uni=None, out_masks=None, sums: EMRSums | None = None,
     raw weighted tau_k, and M_k = (tau_k * flag > 0) AND keep_k enters tau_uni and
     the rescaler sums; flag still comes from the raw sum.
 
-    pre (float32 [3, K]: lam, scale, weight per task, `elementwise_apply`): taus are first
+    pre (float32 [3, K]: lam, scale, weight per task, from `Sparsifier.elementwise`): taus are first
     replaced in place by ((|tau| <= lam ? +0 : tau) * scale) * weight, Phi's apply and the task
     weight, in the same pass as the combine.  counts: also _bools.mask_counts of the masks."""
     K = taus.shape[0]
