@@ -210,17 +210,48 @@ def make_plan(cfg: MergeConfig, base: Checkpoint, models: list[Checkpoint], tabl
 
     merge_jobs = [Job("merge", n, input_bytes(n)) for n in table.merge]
     merge_jobs += [Job("copy", n, base.tensors[n].nbytes) for n in copy]
-    # Largest first: the long poles start early and small tensors fill the gaps at the end.
-    plan.jobs["merge"] = sorted(merge_jobs, key=lambda j: (-j.nbytes, j.tensor))
+    files = {f: i for i, f in enumerate(sorted({t.file for t in base.tensors.values()}))}
+    position = {n: (files[t.file], t.offset) for n, t in base.tensors.items()}
+    plan.jobs["merge"] = job_order(merge_jobs, position)
     if model_scope:
         hi = [Job("global_hi", n, input_bytes(n)) for n in table.merge]
-        plan.jobs["global_hi"] = sorted(hi, key=lambda j: (-j.nbytes, j.tensor))
+        plan.jobs["global_hi"] = job_order(hi, position)
         plan.jobs["global_lo"] = [Job("global_lo", j.tensor, j.nbytes) for j in plan.jobs["global_hi"]]
         if spec.sparsifier.scope == "global_threshold":   # only run when the lo pass missed a threshold
             plan.jobs["global_thr"] = [Job("global_thr", j.tensor, j.nbytes) for j in plan.jobs["global_hi"]]
         if spec.official_ties:                  # the majority sign of the official TIES
             plan.jobs["global_sign"] = [Job("global_sign", j.tensor, j.nbytes) for j in plan.jobs["global_hi"]]
     return plan
+
+
+def job_order(jobs: list[Job], position: dict[str, tuple[int, int]]) -> list[Job]:
+    """The order jobs are handed out: the long poles first, then the inputs' file order.
+
+    Jobs over 4x the mean size (an embedding, an untied LM head) start first, largest first, so no
+    worker is left with one at the end.  The rest follow the order of the tensors in the base's
+    files: the kernel's read-ahead past the end of one tensor (`read_ahead_kb`, often megabytes) is
+    the start of the next one's bytes, used by the next job while it is still in the page cache.  In
+    size order it is the start of a tensor many jobs later: the run meets it cached only if nothing
+    evicted it meanwhile, and a resume with a cold cache reads it again, on top of the jobs in
+    flight.  Measured at K = 32 (README "Resume"): dropping the page cache half-way through a run
+    cost 11.5 s in size order and nothing in file order, which also ran 5-6 s faster in two paired
+    runs.  File order also reads each file front to back, what network file systems and disks
+    stream fastest.  The last 10% of the bytes go largest first, so the run ends on small jobs.
+    Only the order changes, never the bytes written.
+    """
+    if not jobs:
+        return []
+    total = sum(j.nbytes for j in jobs)
+    mean = total / len(jobs)
+    where = lambda j: (*position.get(j.tensor, (len(position), 0)), j.tensor)  # noqa: E731
+    big = sorted((j for j in jobs if j.nbytes > 4 * mean), key=lambda j: (-j.nbytes, where(j)))
+    rest = sorted((j for j in jobs if j.nbytes <= 4 * mean), key=where)
+    tail_bytes, cut = 0, len(rest)
+    while cut > 0 and tail_bytes + rest[cut - 1].nbytes <= 0.1 * total:
+        cut -= 1
+        tail_bytes += rest[cut].nbytes
+    tail = sorted(rest[cut:], key=lambda j: (-j.nbytes, where(j)))
+    return big + rest[:cut] + tail
 
 
 def describe(plan: Plan, base: Checkpoint) -> str:
