@@ -8,6 +8,8 @@ simply run again on resume.
 from __future__ import annotations
 
 import os
+import resource
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import torch
 
 from tadrop import AbsSelector, MergeSpec, NonFiniteError, TensorPlan
 from tadrop import streamed
-from tadrop._buffers import scratch
+from tadrop._buffers import scratch, scratch_allocated
 
 from .checkpoints import Checkpoint
 from .faults import crash_point, job_fault, write_fault
@@ -93,6 +95,7 @@ class RunContext:
     # The driver fsyncs each job's outputs before the ledger records it (workers on this machine):
     # a worker then goes on to its next job instead of waiting for the disk (`Durability`).
     sync_in_driver: bool = False
+    input_bytes: int = 0                   # the run's input bytes, all jobs (`evict_inputs`)
 
     @property
     def merged_dir(self) -> Path:
@@ -112,6 +115,25 @@ class RunContext:
 
 
 PREFETCH_BYTES = 1 << 30   # read-ahead of one job's inputs, summed over the K+1 files
+EVICT_ENV = "TADROP_EVICT_INPUTS"
+
+
+def evict_inputs(input_bytes: int) -> bool:
+    """Whether a worker drops each job's inputs from the page cache when the job is done: when the
+    run's inputs exceed half this machine's memory (an out-of-core run: the cache cannot keep them
+    for a next run, and the reads then recycle the same memory, see `Checkpoint.evict`).  Smaller
+    runs keep them cached (a re-run, `tadrop tune`, reads them warm).  TADROP_EVICT_INPUTS=1|0
+    forces it either way."""
+    forced = os.environ.get(EVICT_ENV, "auto").strip().lower()
+    if forced in ("1", "true", "yes"):
+        return True
+    if forced in ("0", "false", "no"):
+        return False
+    try:
+        mem = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return False
+    return input_bytes > mem // 2
 
 
 class _Sink:
@@ -164,6 +186,27 @@ class _Sink:
             self._pending_r0 += whole
 
 
+def _usage() -> tuple:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    io = 0
+    try:
+        with open("/proc/self/io", "rb") as f:
+            for line in f:
+                if line.startswith(b"read_bytes:"):
+                    io = int(line.split()[1])
+    except OSError:
+        pass
+    return time.perf_counter(), r.ru_utime, r.ru_stime, r.ru_minflt, r.ru_majflt, io, scratch_allocated()
+
+
+def _usage_delta(a: tuple, b: tuple) -> dict:
+    """What one job cost its worker (the ledger keeps it; `tadrop status` and the benchmarks read it):
+    wall and CPU seconds, page faults, bytes it read from disk, bytes of new scratch buffers."""
+    return {"pid": os.getpid(), "wall_s": round(b[0] - a[0], 4), "user_s": round(b[1] - a[1], 4),
+            "sys_s": round(b[2] - a[2], 4), "minflt": b[3] - a[3], "majflt": b[4] - a[4],
+            "read_bytes": b[5] - a[5], "scratch_alloc_bytes": b[6] - a[6]}
+
+
 class JobRunner:
     """Built once per worker process; opens outputs lazily and keeps the inputs mmapped."""
 
@@ -180,6 +223,7 @@ class JobRunner:
         self._sel: list[AbsSelector] | None = None
         self._values: list[float] | None = None
         self.warnings: list[str] = []
+        self.evict = evict_inputs(ctx.input_bytes)
 
     # -- helpers ---------------------------------------------------------------------------------
     def _source(self, name: str) -> _Source:
@@ -207,12 +251,22 @@ class JobRunner:
                 ckpt.prefetch(name, each)
 
     def _release(self, name: str) -> None:
-        """Drop the tensor's pages from this process's mappings so RSS stays bounded (page cache keeps them)."""
+        """Drop the tensor's pages from this process's mappings so RSS stays bounded (page cache keeps
+        them, unless the run is out of core: `evict_inputs`)."""
         for ckpt in (self.ctx.base, *self.ctx.models):
             ckpt.release(name)
+            if self.evict:
+                ckpt.evict(name)
 
     # -- jobs --------------------------------------------------------------------------------------
     def run(self, job: Job) -> dict:
+        before = _usage()
+        result = self._run(job)
+        if isinstance(result, dict):
+            result["worker"] = _usage_delta(before, _usage())
+        return result
+
+    def _run(self, job: Job) -> dict:
         self.warnings = []   # a failed earlier attempt leaves nothing behind for this one
         if self.mask_store is not None:
             self.mask_store.take_checksums(job.tensor)

@@ -268,6 +268,7 @@ def _merge_locked(cfg: MergeConfig, plan: Plan, base: Checkpoint, models: list[C
         write_masks=plan.write_masks, device=cfg.device, model_scope=plan.model_scope,
         clamp_overflow=cfg.clamp_overflow,
         vocab=plan.vocab if plan.vocab is not None and plan.vocab.extended else None,
+        input_bytes=sum(j.nbytes for j in plan.jobs["merge"]),
     )
     own_executor = executor is None
     if own_executor:

@@ -51,8 +51,14 @@ def scratch(name: str, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
             for k in [k for k, (_, g) in pool.items() if g != _local.gen]:
                 del pool[k]             # views handed out earlier stay valid (refcounted)
         entry = (torch.empty(max(numel, 1), dtype=dtype, device=device), _local.gen)
+        _local.allocated = getattr(_local, "allocated", 0) + need
     pool[key] = (entry[0], _local.gen)
     return entry[0][:numel]
+
+
+def scratch_allocated() -> int:
+    """Bytes of new scratch buffers this thread has allocated so far (reuse adds nothing)."""
+    return getattr(_local, "allocated", 0)
 
 
 def release_scratch() -> None:

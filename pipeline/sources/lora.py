@@ -315,6 +315,12 @@ class LoraAdapter:
                 if t:
                     self.weights.release(t)
 
+    def evict(self, name: str | None = None) -> None:
+        for p in self.pieces.get(name, ()):
+            for t in (p.a, p.b):
+                if t:
+                    self.weights.evict(t)
+
     def fingerprint(self) -> dict:
         fp = self.weights.fingerprint()
         cfg = self.root / CONFIG_NAME
