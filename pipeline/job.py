@@ -142,7 +142,8 @@ class _Sink:
 
     def __init__(self, runner: "JobRunner", name: str, rows: int):
         self._r, self._name, self._rows = runner, name, rows
-        self._pending: list[np.ndarray] = []
+        self._stage: np.ndarray | None = None    # (K, rows, row_numel) bool: mask rows not yet a whole chunk
+        self._have = 0                           # rows held in it, from _pending_r0
         self._pending_r0 = 0
 
     def _write(self, writer: ShardWriter, dtype: torch.dtype, r0: int, rows: torch.Tensor) -> None:
@@ -169,21 +170,39 @@ class _Sink:
             store.write(self._name, 0, m)
             return
         cr = store.chunk_rows(self._name)
-        if not self._pending and r0 % cr == 0 and (r1 % cr == 0 or r1 == self._rows):
+        if not self._have and r0 % cr == 0 and (r1 % cr == 0 or r1 == self._rows):
             store.write(self._name, r0, m)  # the common case: whole chunks already
             return
-        if not self._pending:
+        # Engine chunks smaller than a mask chunk (K = 32 at a 2 GiB budget: all of them) gather in one
+        # reused buffer; a concatenation per chunk allocated ~3x the rows' bytes each time, fresh
+        # memory the kernel zeroes: 36 GB of huge pages in one K = 32 run.
+        k, n, tail = m.shape[0], m.shape[1], m.shape[2:]
+        if not self._have:
             self._pending_r0 = r0
-        self._pending.append(m.copy())
-        have = sum(p.shape[1] for p in self._pending)
-        end = self._pending_r0 + have
+        need = self._have + n
+        stage = self._staging(k, need, int(np.prod(tail, dtype=np.int64)))
+        stage[:, self._have:need] = m.reshape(k, n, -1)
+        end = self._pending_r0 + need
         whole = (end // cr * cr if end < self._rows else end) - self._pending_r0
         if whole > 0:
-            buf = np.concatenate(self._pending, axis=1)
-            store.write(self._name, self._pending_r0, buf[:, :whole])
-            rest = buf[:, whole:]
-            self._pending = [rest] if rest.shape[1] else []
+            store.write(self._name, self._pending_r0, stage[:, :whole].reshape(k, whole, *tail))
+            rest = need - whole                  # < cr <= whole: the two ranges do not overlap
+            stage[:, :rest] = stage[:, whole:need]
             self._pending_r0 += whole
+            need = rest
+        self._have = need
+
+    def _staging(self, k: int, rows: int, row_numel: int) -> np.ndarray:
+        """The staging buffer, holding at least `rows` rows (grown keeping the rows it holds)."""
+        old = self._stage
+        if old is not None and old.shape[1] >= rows:
+            return old
+        cap = max(rows, self._r.mask_store.chunk_rows(self._name) + (old.shape[1] if old is not None else 0))
+        buf = scratch("sink.masks", k * cap * row_numel, torch.bool, "cpu").numpy().reshape(k, cap, row_numel)
+        if old is not None and self._have:
+            buf[:, :self._have] = old[:, :self._have]
+        self._stage = buf
+        return buf
 
 
 def _usage() -> tuple:
