@@ -140,8 +140,9 @@ class _Sink:
     """Casts float32 rows once to the output dtype and writes them in place into the shard files;
     gathers mask rows into whole Zarr chunks (their size is fixed by the shape, not the budget)."""
 
-    def __init__(self, runner: "JobRunner", name: str, rows: int):
-        self._r, self._name, self._rows = runner, name, rows
+    def __init__(self, runner: "JobRunner", name: str, rows: int, slot: int = 0):
+        """slot: sinks alive at the same time (`tadrop tune`'s grid) each take their own slot."""
+        self._r, self._name, self._rows, self._slot = runner, name, rows, slot
         self._stage: np.ndarray | None = None    # (K, rows, row_numel) bool: mask rows not yet a whole chunk
         self._have = 0                           # rows held in it, from _pending_r0
         self._pending_r0 = 0
@@ -198,7 +199,8 @@ class _Sink:
         if old is not None and old.shape[1] >= rows:
             return old
         cap = max(rows, self._r.mask_store.chunk_rows(self._name) + (old.shape[1] if old is not None else 0))
-        buf = scratch("sink.masks", k * cap * row_numel, torch.bool, "cpu").numpy().reshape(k, cap, row_numel)
+        buf = scratch(f"sink.masks.{self._slot}", k * cap * row_numel, torch.bool, "cpu")
+        buf = buf.numpy().reshape(k, cap, row_numel)
         if old is not None and self._have:
             buf[:, :self._have] = old[:, :self._have]
         self._stage = buf

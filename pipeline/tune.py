@@ -199,7 +199,8 @@ def _grid_masks(run_dir: Path, cfg: MergeConfig, grid, state: Path, ledger: Ledg
         log.info("tune: masks of %d grid values for %d tensors", len(grid), len(todo))
     for name in todo:
         src = _Source(base, tuple(models), name, ext)
-        sink = _GridSink([_Sink(types.SimpleNamespace(mask_store=s), name, src.rows) for s in stores])
+        sink = _GridSink([_Sink(types.SimpleNamespace(mask_store=s), name, src.rows, slot=i)
+                          for i, s in enumerate(stores)])
         try:
             streamed.merge_tensor(spec, name, src, sink, plan.tensor_plans[name], global_values=gv,
                                   device=cfg.device, majority=majority)

@@ -35,3 +35,23 @@ def test_chunked_mask_rows_land_whole(tmp_path, shape, mask_rows, cuts):
     assert len(buffers) <= 2                   # grown at most once (the first sizing, then one growth)
     for t in range(k):
         np.testing.assert_array_equal(store.read("w", t), want[t])
+
+
+def test_sinks_alive_together_keep_their_own_rows(tmp_path):
+    """`tadrop tune` feeds one sink per grid point chunk by chunk, in turn: each has its own buffer."""
+    k, shape, mask_rows = 2, (30, 4), 8
+    rng = np.random.default_rng(1)
+    wants = [rng.random((k, *shape)) < 0.5 for _ in range(3)]
+    stores, sinks = [], []
+    for i in range(3):
+        MaskStore.create(tmp_path / f"m{i}.zarr", {"w": (k, shape, mask_rows)}, {"tasks": ["a", "b"]})
+        stores.append(MaskStore.open(tmp_path / f"m{i}.zarr"))
+        sinks.append(_Sink(types.SimpleNamespace(mask_store=stores[i]), "w", shape[0], slot=i))
+    r0 = 0
+    for r1 in (5, 11, 19, 30):
+        for sink, want in zip(sinks, wants):
+            sink.masks(r0, r1, torch.from_numpy(want[:, r0:r1].copy()))
+        r0 = r1
+    for store, want in zip(stores, wants):
+        for t in range(k):
+            np.testing.assert_array_equal(store.read("w", t), want[t])
