@@ -118,12 +118,13 @@ PREFETCH_BYTES = 1 << 30   # read-ahead of one job's inputs, summed over the K+1
 EVICT_ENV = "TADROP_EVICT_INPUTS"
 
 
-def evict_inputs(input_bytes: int) -> bool:
+def evict_inputs(input_bytes: int, reread: bool = False) -> bool:
     """Whether a worker drops each job's inputs from the page cache when the job is done: when the
     run's inputs exceed half this machine's memory (an out-of-core run: the cache cannot keep them
-    for a next run, and the reads then recycle the same memory, see `Checkpoint.evict`).  Smaller
-    runs keep them cached (a re-run, `tadrop tune`, reads them warm).  TADROP_EVICT_INPUTS=1|0
-    forces it either way."""
+    for a next run, and the reads then recycle the same memory, see `Checkpoint.evict`), or, for a
+    run that reads every input again in a later phase (`reread`: model scope), when they exceed
+    all of it (below that the later phases read them from the cache).  Smaller runs keep them
+    cached (a re-run, `tadrop tune`, reads them warm).  TADROP_EVICT_INPUTS=1|0 forces it."""
     forced = os.environ.get(EVICT_ENV, "auto").strip().lower()
     if forced in ("1", "true", "yes"):
         return True
@@ -133,7 +134,7 @@ def evict_inputs(input_bytes: int) -> bool:
         mem = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         return False
-    return input_bytes > mem // 2
+    return input_bytes > (mem if reread else mem // 2)
 
 
 class _Sink:
@@ -244,7 +245,7 @@ class JobRunner:
         self._sel: list[AbsSelector] | None = None
         self._values: list[float] | None = None
         self.warnings: list[str] = []
-        self.evict = evict_inputs(ctx.input_bytes)
+        self.evict = evict_inputs(ctx.input_bytes, reread=ctx.model_scope)
 
     # -- helpers ---------------------------------------------------------------------------------
     def _source(self, name: str) -> _Source:

@@ -65,6 +65,8 @@ def test_policy_out_of_core_only_unless_forced(monkeypatch):
     mem = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     monkeypatch.delenv(EVICT_ENV, raising=False)
     assert not evict_inputs(mem // 4) and evict_inputs(mem)
+    # model scope reads every input again in its later phases: cached while they fit in memory
+    assert not evict_inputs(3 * mem // 4, reread=True) and evict_inputs(2 * mem, reread=True)
     monkeypatch.setenv(EVICT_ENV, "1")
     assert evict_inputs(0)
     monkeypatch.setenv(EVICT_ENV, "0")
