@@ -309,17 +309,17 @@ class LoraAdapter:
         return (w.view(p.b, r0, r1).float() @ w.view(p.a).float()).mul_(p.scaling)
 
     # -- the Checkpoint-like surface the pipeline uses -----------------------------------------------------
+    def _stored(self, name: str | None) -> list[str]:
+        """The adapter tensors (A and B of each piece) that make up tensor `name`'s delta."""
+        return [t for p in self.pieces.get(name, ()) for t in (p.a, p.b) if t]
+
     def release(self, name: str | None = None, r0=None, r1=None) -> None:
-        for p in self.pieces.get(name, ()):
-            for t in (p.a, p.b):
-                if t:
-                    self.weights.release(t)
+        for t in self._stored(name):
+            self.weights.release(t)
 
     def evict(self, name: str | None = None) -> None:
-        for p in self.pieces.get(name, ()):
-            for t in (p.a, p.b):
-                if t:
-                    self.weights.evict(t)
+        for t in self._stored(name):
+            self.weights.evict(t)
 
     def fingerprint(self) -> dict:
         fp = self.weights.fingerprint()
