@@ -199,7 +199,9 @@ class _Sink:
         old = self._stage
         if old is not None and old.shape[1] >= rows:
             return old
-        cap = max(rows, self._r.mask_store.chunk_rows(self._name) + (old.shape[1] if old is not None else 0))
+        # rows held stay below two mask chunks (fewer than one left over + an engine chunk smaller than
+        # one): sized for that at once, it never grows (a growth holds the old and the new buffer)
+        cap = max(rows, 2 * self._r.mask_store.chunk_rows(self._name))
         buf = scratch(f"sink.masks.{self._slot}", k * cap * row_numel, torch.bool, "cpu")
         buf = buf.numpy().reshape(k, cap, row_numel)
         if old is not None and self._have:

@@ -148,9 +148,12 @@ def warn_small_shards(sp: ShardPlan | None, shard_size: int) -> str | None:
 
 
 def make_plan(cfg: MergeConfig, base: Checkpoint, models: list[Checkpoint], table: InputTable,
-              vocab=None) -> Plan:
-    """`vocab` (sources.vocab.Vocab): extended vocabulary tensors get the output's row count."""
+              vocab=None, tall_grid: tuple[float, ...] = ()) -> Plan:
+    """`vocab` (sources.vocab.Vocab): extended vocabulary tensors get the output's row count;
+    `tall_grid`: `tadrop tune`'s grid (its masks are planned for too)."""
     spec = build_spec(cfg)
+    if tall_grid:
+        spec = replace(spec, tall_grid=tuple(float(g) for g in tall_grid))
 
     def out_shape(name: str) -> tuple:
         s = tuple(base.tensors[name].shape)
@@ -166,12 +169,24 @@ def make_plan(cfg: MergeConfig, base: Checkpoint, models: list[Checkpoint], tabl
         mapped = max(sources.mapped_itemsize(c, name) for c in (base, *models))
         if vocab is not None and name in vocab.rows:
             mapped += 12     # the extended base rows: a float64 sum and the float32 mean
+        mrows = mask_chunk_rows(shape)
         try:
             tp = streamed.plan_tensor(spec, shape, k, engine_budget, name=name,
-                                      source_bytes_per_element=mapped)
+                                      source_bytes_per_element=mapped, device=cfg.device)
         except ValueError as e:
             raise PlanError(f"{e} (raise memory_budget)") from None
-        mrows = mask_chunk_rows(shape)
+        if method in MASK_METHODS and tp.chunk_rows < min(mrows, shape[0]):
+            # chunks smaller than a Zarr mask chunk gather their mask rows in the sink's staging
+            # buffer (K bools per element of up to two mask chunks; one per `tadrop tune` grid value).
+            # A budget too small for that too (a few KiB, as tests use) keeps the plan without it.
+            row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+            stage = 2 * (1 + len(spec.tall_grid)) * k * mrows * row
+            try:
+                tp = streamed.plan_tensor(spec, shape, k, engine_budget - stage, name=name,
+                                          source_bytes_per_element=mapped, device=cfg.device)
+                tp = replace(tp, est_bytes=tp.est_bytes + stage, pool_bytes=engine_budget)
+            except ValueError:
+                pass
         if mrows <= tp.chunk_rows < shape[0]:  # whole mask chunks per engine chunk: no buffering
             tp = replace(tp, chunk_rows=tp.chunk_rows // mrows * mrows)
         tensor_plans[name] = tp

@@ -30,7 +30,6 @@ import os
 import shutil
 import sys
 import types
-from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -172,9 +171,9 @@ def _grid_masks(run_dir: Path, cfg: MergeConfig, grid, state: Path, ledger: Ledg
     base, models = open_inputs(cfg)
     vocab = sources.plan_vocab(cfg, base, models)      # as run.merge: an extended vocabulary's row counts
     table = validate_inputs(base, models, cfg.passthrough, frozenset(vocab.rows) if vocab else frozenset())
-    plan = make_plan(cfg, base, models, table, vocab=vocab)
+    plan = make_plan(cfg, base, models, table, vocab=vocab, tall_grid=tuple(grid))
     ext = plan.vocab if plan.vocab is not None and plan.vocab.extended else None
-    spec = replace(plan.spec, tall_grid=tuple(grid))
+    spec = plan.spec
     K = len(models)
     arrays = {n: (K, plan.shapes[n], mask_chunk_rows(plan.shapes[n])) for n in plan.merge}
     attrs = MaskStore.open(run_dir / "masks.zarr", mode="r").attrs

@@ -60,10 +60,24 @@ class TensorPlan:
     chunk_rows: int      # rows per chunk of pass 2 (== rows: everything read once)
     fit_whole: bool      # Phi is fitted on the whole tau_k (else streamed over chunks)
     est_bytes: int       # the engine's peak working memory for this plan
+    # what the worker's reused buffers may hold across tensors (its whole budget; 0: est_bytes): buffers
+    # a tensor does not use are dropped only past it, so the next tensor of another shape finds them
+    pool_bytes: int = 0
+    base_whole: bool = False    # row-chunked with fit_whole: the base is held whole in float32 too
+
+    @property
+    def scratch_cap(self) -> int:
+        return max(self.pool_bytes, self.est_bytes)
 
 
-def _bytes_per_element(spec: MergeSpec, K: int) -> int:
-    """Engine buffers per element of a chunk: taus, base, outputs, the method's temporaries."""
+# Phi's fit on a whole tau_k, per element: numpy.partition's float32 |tau|, or the radix selection's
+# int32 codes and bool bucket mask without the native kernels (measured: 4.25, 0.57 with them)
+_FIT_BYTES = 5
+
+
+def _block_bytes_per_element(spec: MergeSpec, K: int) -> int:
+    """Every buffer of the engine per element of a cache block: taus, base, outputs and the method's
+    temporaries. Off the CPU a chunk is one block, so this is per element of the chunk there."""
     inner = {"ties": 4 * K + 16, "ties_official": 7 * K + 28}.get(spec.inner, 0)
     per = {
         "task_arithmetic": 4 * K + 24,
@@ -79,8 +93,22 @@ def _bytes_per_element(spec: MergeSpec, K: int) -> int:
     return per + 16       # float64 sum blocks, DARE keep mask
 
 
+def _chunk_bytes_per_element(spec: MergeSpec, K: int) -> int:
+    """On the CPU, what is sized by the chunk rather than by the cache block (the method's
+    temporaries are per block, `_blocks`): the K float32 taus, the base, the outputs, the sink's
+    cast of them (at most float32), Phi's fit on a whole tau_k, the keep masks.
+    scripts/bench_memory.py measures it against a worker's memory (bench/memory.md)."""
+    per = 4 * K + 4 + 4 + {"task_arithmetic": 4, "ties": 4, "emr": K + 4, "tall_masks": K + 4,
+                           "consensus": K + 8}[spec.method]
+    if spec.sparsifier.needs_fit:
+        per += _FIT_BYTES
+    if spec.emr_mask_mode or spec.official_ties:
+        per += K + 4      # the keep masks; the official trim's |tau| (its sign pass is per chunk)
+    return per + 8        # DARE's keep, float64 tails
+
+
 def plan_tensor(spec: MergeSpec, shape, K: int, budget_bytes: int, *, name: str | None = None,
-                source_bytes_per_element: int = 0) -> TensorPlan:
+                source_bytes_per_element: int = 0, device="cpu") -> TensorPlan:
     """Largest chunk (in rows) that keeps the engine's buffers within `budget_bytes`.
 
     Everything in one chunk when it fits (single read); else the fit runs on the
@@ -89,24 +117,40 @@ def plan_tensor(spec: MergeSpec, shape, K: int, budget_bytes: int, *, name: str 
     one DARE block, float64 block tails) comes on top and is in `est_bytes`.
     `source_bytes_per_element`: what the source holds per element of the piece being read
     (e.g. mapped input pages, which count in a process's RSS), charged to the budget too.
+    On the CPU the method's temporaries take one cache block (ENGINE_BLOCK elements) whatever
+    the chunk; on another device the chunk is the block.
     Raises ValueError naming the tensor when not even one row fits.
     """
     n, rows, rn = _geometry(shape)
     src = int(source_bytes_per_element)
-    per = _bytes_per_element(spec, K) + src
-    if n * per <= budget_bytes or n == 0:
-        return TensorPlan(max(rows, 1), True, n * per + _FIXED_BYTES)
-    # the whole tau_k + the selection's own copy: |tau| (partition) or codes + a bucket mask (radix)
-    fit_bytes = (9 + src) * n if spec.sparsifier.needs_fit else 0
+    blk = _block_bytes_per_element(spec, K)
+    on_cpu = torch.device(device).type == "cpu"
+    per = (_chunk_bytes_per_element(spec, K) if on_cpu else blk) + src
+
+    def cost(m: int) -> int:            # the engine's bytes for a chunk of m elements
+        return m * per + (min(m, ENGINE_BLOCK) * blk if on_cpu else 0)
+
+    if cost(n) <= budget_bytes or n == 0:
+        return TensorPlan(max(rows, 1), True, cost(n) + _FIXED_BYTES, budget_bytes + _FIXED_BYTES)
+    # the whole tau_k and Phi's fit on it
+    fit_bytes = (4 + _FIT_BYTES + src) * n if spec.sparsifier.needs_fit else 0
     fit_whole = spec.sparsifier.needs_fit and fit_bytes <= budget_bytes // 2
+    # the base whole too (saves K - 1 decodes of it) while a quarter of the budget stays for the chunks
+    base_whole = fit_whole and budget_bytes - fit_bytes - 4 * n >= budget_bytes // 4
+    if base_whole:
+        fit_bytes += 4 * n
     left = budget_bytes - (fit_bytes if fit_whole else 0)
-    chunk_rows = min(rows, left // (rn * per))
+    fixed = ENGINE_BLOCK * blk if on_cpu else 0
+    chunk_rows = min(rows, max(0, left - fixed) // (rn * per))
+    if on_cpu and chunk_rows * rn < ENGINE_BLOCK:   # a chunk within one block: its buffers are the block's
+        chunk_rows = min(rows, left // (rn * (per + blk)))
     if chunk_rows < 1:
         raise ValueError(f"tensor {name or '?'} {tuple(shape)}: one row of {rn} elements needs "
-                         f"{rn * per} bytes of working memory with K={K}, over the memory "
+                         f"{cost(rn)} bytes of working memory with K={K}, over the memory "
                          f"budget of {budget_bytes} bytes")
-    est = _FIXED_BYTES + (fit_bytes if fit_whole else 0) + chunk_rows * rn * per
-    return TensorPlan(int(chunk_rows), bool(fit_whole), int(est))
+    est = _FIXED_BYTES + (fit_bytes if fit_whole else 0) + cost(chunk_rows * rn)
+    return TensorPlan(int(chunk_rows), bool(fit_whole), int(est), budget_bytes + _FIXED_BYTES,
+                      bool(base_whole and chunk_rows < rows))
 
 
 @dataclass
@@ -219,14 +263,18 @@ class _Reader:
         return gen
 
 
-    def gather(self, k, chunk_rows, whole):
-        """The whole tau_k into `whole`, computed chunk by chunk straight into its slices."""
+    def gather(self, k, chunk_rows, whole, base=None):
+        """The whole tau_k into `whole`, computed chunk by chunk straight into its slices; `base`:
+        the whole base in float32 when the caller holds it (else its rows are read per chunk)."""
         for r0 in range(0, self.rows, chunk_rows):
             r1 = min(self.rows, r0 + chunk_rows)
             dst = whole[r0 * self.rn:r1 * self.rn]
             if self.direct(k, r0, r1, dst) is None:
-                b = self.base(r0, r1, scratch("eng.gbase", min(chunk_rows, self.rows) * self.rn,
-                                              torch.float32, self.device)[:dst.numel()])
+                if base is not None:
+                    b = base[r0 * self.rn:r1 * self.rn]
+                else:
+                    b = self.base(r0, r1, scratch("eng.gbase", min(chunk_rows, self.rows) * self.rn,
+                                                  torch.float32, self.device)[:dst.numel()])
                 self.from_theta(k, r0, r1, b, dst)
         return whole
 
@@ -340,7 +388,7 @@ def merge_tensor(spec: MergeSpec, name: str, src: TensorSource, sink: TensorSink
     global_values: per task, the model-wide value of `spec.global_phi` (model scope);
     majority: inner ties_official's model-wide majority sign (`global_sign_count`)."""
     K, phi, dev = spec.K, spec.sparsifier, torch.device(device)
-    begin_scratch_generation(plan.est_bytes)
+    begin_scratch_generation(plan.scratch_cap)
     rd = _Reader(name, src, spec, dev)
     n, rows, rn = rd.n, rd.rows, rd.rn
     if spec.global_scope and global_values is None:
@@ -425,6 +473,10 @@ def merge_tensor(spec: MergeSpec, name: str, src: TensorSource, sink: TensorSink
         pre = fused_apply()
         comb(0, rows, taus, base, sink, keep_buf, prep(taus, keep_buf, 0), pre)
     else:
+        taus_buf = scratch("eng.taus", K * cap, torch.float32, dev).view(K, cap)
+        # the base in float32 once for all K gathers and every chunk, when the plan has room for it
+        base_all = rd.base(0, rows, scratch("eng.wbase", n, torch.float32, dev)) if plan.base_whole else None
+        first = [False] * K      # tau_k's first chunk is in taus_buf already (copied from its gather)
         for k in range(K):
             task, phi = spec.task_names[k], spec.phi(k)
             if not phi.needs_fit:
@@ -432,23 +484,25 @@ def merge_tensor(spec: MergeSpec, name: str, src: TensorSource, sink: TensorSink
             elif zero_fit(k) is not None:
                 stats[k] = zero_fit(k)
             elif plan.fit_whole:
-                whole = rd.gather(k, cr, scratch("eng.whole", n, torch.float32, dev))
+                whole = rd.gather(k, cr, scratch("eng.whole", n, torch.float32, dev), base=base_all)
                 stats[k] = _named(lambda: phi.fit(whole, global_value=gv[k]), name, task)
+                taus_buf[k, :cap].copy_(whole[:cap])    # a copy instead of reading and decoding it again
+                first[k] = True
             else:
                 stats[k] = _named(lambda: phi.fit_streamed(rd.chunks(k, cr), n, global_value=gv[k]),
                                   name, task)
             remember_zero_fit(k)
         pre = fused_apply()
-        taus_buf = scratch("eng.taus", K * cap, torch.float32, dev).view(K, cap)
-        base_buf = scratch("eng.base", cap, torch.float32, dev)
+        base_buf = scratch("eng.base", cap, torch.float32, dev) if base_all is None else None
         for r0 in range(0, rows, cr):
             r1 = min(rows, r0 + cr)
             m = (r1 - r0) * rn
-            base = rd.base(r0, r1, base_buf[:m])
+            base = base_all[r0 * rn:r1 * rn] if base_all is not None else rd.base(r0, r1, base_buf[:m])
             taus = taus_buf[:, :m]
             keep = keep_buf[:, :m] if keep_buf is not None else None
             for k in range(K):
-                rd.tau(k, r0, r1, base, taus[k])
+                if not (r0 == 0 and first[k]):
+                    rd.tau(k, r0, r1, base, taus[k])
             comb(r0, r1, taus, base, sink, keep, prep(taus, keep, r0 * rn), pre)
     has_masks = "masks" in spec.outputs
     rows_out = [_stats_row(name, spec.task_names[k], stats[k],
@@ -480,7 +534,7 @@ def global_sign_count(spec: MergeSpec, name: str, src: TensorSource, plan: Tenso
     sum is zero take (nik-dim/tall_masks src/utils/ties_utils.py:7-14)."""
     if not spec.official_ties:
         raise ValueError("the sign pass is for inner ties_official")
-    begin_scratch_generation(plan.est_bytes)
+    begin_scratch_generation(plan.scratch_cap)
     dev = torch.device(device)
     rd = _Reader(name, src, spec, dev)
     if rd.n == 0:
@@ -509,7 +563,7 @@ def global_pass_hi(spec: MergeSpec, name: str, src: TensorSource, plan: TensorPl
                    device="cpu") -> list[AbsSelector]:
     """Per task: this tensor's hi histogram of |tau_k| (merge them per task over the model)."""
     _global_phi(spec)
-    begin_scratch_generation(plan.est_bytes)
+    begin_scratch_generation(plan.scratch_cap)
     rd = _Reader(name, src, spec, device)
     out = []
     for k in range(spec.K):
@@ -543,7 +597,7 @@ def global_pass_lo(spec: MergeSpec, name: str, src: TensorSource, plan: TensorPl
 
 
 def _lo_parts(spec, name, src, plan, parts, device) -> list[AbsSelector]:
-    begin_scratch_generation(plan.est_bytes)
+    begin_scratch_generation(plan.scratch_cap)
     rd = _Reader(name, src, spec, device)
     for k, part in enumerate(parts):
         if rd.n and part.needs_lo:

@@ -20,7 +20,7 @@ from refcheck import check_run
 
 TADROP = {"kind": "tadrop", "a": 0.5, "b": 0.95, "rescale": "norm", "scope": "tensor"}
 PLANS = {"whole": TensorPlan(1 << 30, True, 0), "chunked": TensorPlan(7, False, 0),
-         "fit_whole": TensorPlan(5, True, 0)}
+         "fit_whole": TensorPlan(5, True, 0), "base_whole": TensorPlan(5, True, 0, base_whole=True)}
 
 
 def state_dicts(K, seed=0):

@@ -85,10 +85,10 @@ def test_merge_tensor_bit_identical_whole_fit_and_streamed(monkeypatch, method, 
     spec = MergeSpec(method, phi, tuple(f"t{k}" for k in range(K)))
     src = MemorySource(base, tasks)
     outs = []
-    runs = [("radix", 1 << 30), ("partition", 1 << 30), ("partition", 200_000),
-            ("radix", 200_000), ("partition", 60_000)]
+    runs = [("radix", 1 << 30), ("partition", 1 << 30), ("partition", 500_000),
+            ("radix", 500_000), ("partition", 60_000)]
     if "native" in available_methods():
-        runs += [("native", 1 << 30), ("native", 200_000)]
+        runs += [("native", 1 << 30), ("native", 500_000)]
     for m, budget in runs:
         monkeypatch.setenv(ENV, m)
         plan = plan_tensor(spec, shape, K, budget)

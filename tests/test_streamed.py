@@ -58,7 +58,9 @@ def test_streamed_equals_whole_bit_for_bit(shape, K, method, phi, dtype, data):
     rows = shape[0] if shape else 1
     assert whole_plan.chunk_rows >= rows and whole_plan.fit_whole
     a, ra = run(spec, "w", base, tasks, whole_plan)
-    plan = TensorPlan(data.draw(st.integers(1, max(1, rows))), data.draw(st.booleans()), 0)
+    fit_whole = data.draw(st.booleans())   # base_whole: the base held whole for the gathers, as at K = 32
+    plan = TensorPlan(data.draw(st.integers(1, max(1, rows))), fit_whole, 0,
+                      base_whole=fit_whole and data.draw(st.booleans()))
     b, rb = run(spec, "w", base, tasks, plan)
     for x, y in ((a.merged_t, b.merged_t), (a.unified_t, b.unified_t), (a.masks_t, b.masks_t)):
         assert same_bits(x, y)
@@ -193,13 +195,16 @@ def test_nonfinite_error_names_tensor_and_task(phi):
     tasks[2][3, 1] = float("nan")
     spec = MergeSpec("task_arithmetic", phi, ("a", "b", "c"))
     gv = [0.1] * 3 if phi.scope == "model" else None
-    for plan in (plan_tensor(spec, (6, 5), 3, BIG), TensorPlan(2, False, 0), TensorPlan(2, True, 0)):
+    plans = (plan_tensor(spec, (6, 5), 3, BIG), TensorPlan(2, False, 0), TensorPlan(2, True, 0),
+             TensorPlan(2, True, 0, base_whole=True))
+    for plan in plans:
         with pytest.raises(NonFiniteError, match=r"model\.layers\.0\.w.*'c'"):
             run(spec, "model.layers.0.w", base, tasks, plan, gv)
     base = base.clone()
     base[0, 0] = float("inf")
-    with pytest.raises(NonFiniteError, match="layers.0.w.*base"):
-        run(spec, "model.layers.0.w", base, tasks, TensorPlan(2, False, 0), gv)
+    for plan in plans:
+        with pytest.raises(NonFiniteError, match="layers.0.w.*base"):
+            run(spec, "model.layers.0.w", base, tasks, plan, gv)
 
 
 def test_model_scope_requires_global_values():

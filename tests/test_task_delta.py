@@ -60,7 +60,8 @@ def test_delta_source_equals_theta_source(method, phi):
     mixed = NoTheta(base, [thetas[0], None, thetas[2]], [None, taus[1], None])
     deltas = NoTheta(base, [None] * K, taus)
     plain = MemorySource(base, thetas)
-    for plan in (plan_tensor(spec, shape, K, 1 << 40), TensorPlan(5, True, 0), TensorPlan(3, False, 0)):
+    for plan in (plan_tensor(spec, shape, K, 1 << 40), TensorPlan(5, True, 0), TensorPlan(3, False, 0),
+                 TensorPlan(5, True, 0, base_whole=True)):
         want_sink, want = merge(spec, plain, plan)
         for src in (mixed, deltas):
             sink, got = merge(spec, src, plan)
@@ -130,7 +131,8 @@ def test_known_zero_tasks_give_the_bits_of_zero_deltas(method, kw):
     zeros = [torch.zeros(shape) for _ in range(K)]
     deltas = [taus[0], zeros[1], taus[2], zeros[3]]
     spec = MergeSpec(method, task_names=("a", "b", "c", "d"), weights=(1.0, 0.5, 2.0, 1.0), seed=5, **kw)
-    for plan in (plan_tensor(spec, shape, K, 1 << 40), TensorPlan(5, True, 0), TensorPlan(3, False, 0)):
+    for plan in (plan_tensor(spec, shape, K, 1 << 40), TensorPlan(5, True, 0), TensorPlan(3, False, 0),
+                 TensorPlan(5, True, 0, base_whole=True)):
         want_sink, want = merge(spec, MemorySource(base, [None] * K, deltas), plan)
         src = KnownZero(base, [None] * K, deltas, zero={1, 3})
         sink, got = merge(spec, src, plan)
