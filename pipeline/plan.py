@@ -30,9 +30,10 @@ UNIFIED_METHODS = {"emr", "tall_masks"}
 MASK_METHODS = {"emr", "tall_masks", "consensus"}
 
 
-# A worker's Python + torch + zarr runtime (~160 MiB anonymous, ~100 MiB shared libraries) lives
-# inside its memory budget too: the engine plans with what is left.
-RUNTIME_RESERVE = 256 << 20
+# A worker's Python + torch + zarr runtime lives inside its memory budget too: 153-189 MiB of private
+# memory (bench/memory.md's runtime column) and ~100 MiB of shared libraries in its RSS. The engine
+# plans with what is left, so that workers x budget + 0.5 GiB holds for the whole process tree's RSS.
+RUNTIME_RESERVE = 320 << 20
 MASK_CHUNK_ELEMENTS = 1 << 22   # ~512 KiB bit-packed per task and chunk
 
 

@@ -54,6 +54,8 @@ emr_span(int64_t K, int64_t m, float *restrict t, int64_t ldt, const uint8_t *re
             S[j] = 0.0;
         for (int64_t k = 0; k < K; k++) {
             float *tk = t + k * ldt + j0;
+            for (int64_t q = 0; q < TILE; q += 16)   /* the next tile of this row (no fault) */
+                __builtin_prefetch(tk + TILE + q, 1, 3);
             if (pre != NULL) {
                 const float lam = pre[k], sc = pre[K + k], w = pre[2 * K + k];
                 for (int64_t j = 0; j < n; j++) {

@@ -1,8 +1,9 @@
 """The memory budget, measured: a merge whose one big tensor's inputs are many times the per-worker budget
 keeps every worker's peak anonymous memory (sampled from /proc the way scripts/bench_merge.py does)
-within memory_budget + pipeline.plan.RUNTIME_RESERVE (256 MiB: the worker's Python, torch and zarr
-runtime and allocator slack; README "Memory"). At this small budget the engine plans with 96 MiB of it,
-so the runtime does not fit inside the budget; mapped input pages are file-backed and not counted.
+within memory_budget + 256 MiB (the worker's Python, torch and zarr runtime and allocator slack; README
+"Memory"; pipeline.plan.RUNTIME_RESERVE, 320 MiB, also counts the shared libraries' RSS). At this small
+budget the engine plans with 96 MiB of it (a quarter is reserved), so the runtime does not fit inside
+the budget; mapped input pages are file-backed and not counted.
 
 EMR is the method whose workers used to grow with the tensor size (small float64 block sums kept as
 tensors pinned the C heap between chunks: 524 MiB here, 760 MiB with a tensor twice as large);
@@ -23,6 +24,9 @@ from safetensors.torch import save_file
 
 from conftest import REPO, write_config
 from pipeline.plan import RUNTIME_RESERVE
+
+SLACK = 256 * 2**20     # the runtime's private memory, under RUNTIME_RESERVE
+assert SLACK <= RUNTIME_RESERVE
 
 MiB = 2**20
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -124,8 +128,8 @@ def test_workers_stay_within_the_memory_budget(tmp_path, big_inputs):
     worst = max(peaks.values())
     print(f"\nbudget {BUDGET / MiB:.0f} MiB, inputs {inputs / MiB:.0f} MiB, worker peak anonymous "
           f"{[round(v / MiB) for v in peaks.values()]} MiB over {samples[0]} samples")
-    assert worst <= BUDGET + RUNTIME_RESERVE, (f"a worker reached {worst / MiB:.0f} MiB anonymous, over the "
-                                               f"budget + {RUNTIME_RESERVE / MiB:.0f} MiB")
+    assert worst <= BUDGET + SLACK, (f"a worker reached {worst / MiB:.0f} MiB anonymous, over the "
+                                     f"budget + {SLACK / MiB:.0f} MiB")
 
 
 def _worker_peak(cfg: Path) -> int:
