@@ -46,7 +46,8 @@ CASES = {   # name -> config keys beyond base/models/output
 }
 
 
-def _anon(pid: int) -> int | None:
+def anon_bytes(pid: int) -> int | None:
+    """Anonymous RSS: statm resident minus shared (file-backed + shmem) pages, as bench_merge.py."""
     try:
         with open(f"/proc/{pid}/statm") as f:
             fields = f.read().split()
@@ -55,7 +56,8 @@ def _anon(pid: int) -> int | None:
         return None
 
 
-def _workers(root: int) -> list[int]:
+def spawned_workers(root: int) -> list[int]:
+    """The live multiprocessing-spawned descendants of root (the local executor's workers)."""
     parent = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -111,9 +113,9 @@ def run(fam: dict, case: dict, budget: int, run_dir: Path) -> dict:
         ws: list[int] = []
         while proc.poll() is None:
             if n[0] % 10 == 0:
-                ws = _workers(proc.pid)
+                ws = spawned_workers(proc.pid)
             for p in ws:
-                a = _anon(p)
+                a = anon_bytes(p)
                 if a is not None:
                     peak[0] = max(peak[0], a)
             n[0] += 1

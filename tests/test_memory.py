@@ -7,7 +7,7 @@ the budget; mapped input pages are file-backed and not counted.
 
 EMR is the method whose workers used to grow with the tensor size (small float64 block sums kept as
 tensors pinned the C heap between chunks: 524 MiB here, 760 MiB with a tensor twice as large);
-it now peaks at about 325 MiB, and a regression shows as a peak over the bound."""
+it now peaks at about 180-230 MiB, and a regression shows as a peak over the bound."""
 from __future__ import annotations
 
 import json
@@ -16,20 +16,21 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from conftest import REPO, write_config
+
+sys.path.insert(0, str(REPO / "scripts"))
+import bench_memory  # noqa: E402  (the /proc sampling and the K-task inputs of scripts/bench_memory.py)
 from pipeline.plan import RUNTIME_RESERVE
 
 SLACK = 256 * 2**20     # the runtime's private memory, under RUNTIME_RESERVE
 assert SLACK <= RUNTIME_RESERVE
 
 MiB = 2**20
-PAGE = os.sysconf("SC_PAGE_SIZE")
 BUDGET = 128 * MiB
 ROWS, COLS = 4096, 8192          # 32 Mi float32 elements: 128 MiB per input, 512 MiB over base + 3 tasks
 
@@ -56,43 +57,6 @@ def big_inputs(tmp_path_factory) -> dict:
     return paths
 
 
-def _children(root: int) -> list[int]:
-    """Every live descendant of root (ppid links from /proc/*/stat)."""
-    parent = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat", "rb") as f:
-                    parent[int(d)] = int(f.read().rsplit(b")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    out, frontier = [], [root]
-    while frontier:
-        p = frontier.pop()
-        kids = [c for c, pp in parent.items() if pp == p]
-        out += kids
-        frontier += kids
-    return out
-
-
-def _is_worker(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"spawn_main" in f.read()
-    except OSError:
-        return False
-
-
-def _anon(pid: int) -> int | None:
-    """Anonymous RSS: statm resident minus shared (file-backed + shmem) pages, as bench_merge.py."""
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            fields = f.read().split()
-        return (int(fields[1]) - int(fields[2])) * PAGE
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 @pytest.mark.slow
 def test_workers_stay_within_the_memory_budget(tmp_path, big_inputs):
     fam = dict(big_inputs)
@@ -108,9 +72,9 @@ def test_workers_stay_within_the_memory_budget(tmp_path, big_inputs):
         workers: list[int] = []
         while proc.poll() is None:
             if samples[0] % 10 == 0:
-                workers = [p for p in _children(proc.pid) if _is_worker(p)]
+                workers = bench_memory.spawned_workers(proc.pid)
             for p in workers:
-                a = _anon(p)
+                a = bench_memory.anon_bytes(p)
                 if a is not None:
                     peaks[p] = max(peaks.get(p, 0), a)
             samples[0] += 1
@@ -132,47 +96,6 @@ def test_workers_stay_within_the_memory_budget(tmp_path, big_inputs):
                                      f"budget + {SLACK / MiB:.0f} MiB")
 
 
-def _worker_peak(cfg: Path) -> int:
-    """Peak anonymous memory of the one spawned worker of `tadrop merge cfg`."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TADROP_INLINE_BYTES": "0", "TADROP_EVICT_INPUTS": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "merge", str(cfg), "--quiet"], cwd=REPO,
-                            env=env, stderr=subprocess.PIPE, text=True)
-    peak, n = [0], [0]
-
-    def sample():
-        workers: list[int] = []
-        while proc.poll() is None:
-            if n[0] % 10 == 0:
-                workers = [p for p in _children(proc.pid) if _is_worker(p)]
-            for p in workers:
-                a = _anon(p)
-                if a is not None:
-                    peak[0] = max(peak[0], a)
-            n[0] += 1
-            time.sleep(0.01)
-
-    t = threading.Thread(target=sample)
-    t.start()
-    _, err = proc.communicate(timeout=600)
-    t.join()
-    assert proc.returncode == 0, err
-    return peak[0]
-
-
-def _bf16_family(root: Path, k: int, shape: tuple) -> dict:
-    g = torch.Generator().manual_seed(k)
-    base = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
-    fam = {}
-    for i in range(k + 1):
-        name = "base" if i == 0 else f"t{i}"
-        w = base if i == 0 else (base.float() + 0.002 * torch.randn(shape, generator=g)).to(torch.bfloat16)
-        (root / name).mkdir(parents=True)
-        save_file({"layers.0.w.weight": w, "norm.weight": torch.ones(64, dtype=torch.bfloat16)},
-                  str(root / name / "model.safetensors"))
-        fam[name] = root / name
-    return fam
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method,K,shape,budget,chunked", [("emr", 16, (1024, 2048), "1GiB", False),
                                                           ("tall_masks", 32, (2048, 2048), "640MiB", True)])
@@ -183,15 +106,11 @@ def test_plan_estimate_bounds_the_worker(tmp_path, method, K, shape, budget, chu
     engine chunks are smaller than a Zarr mask chunk, so the mask rows gather in the sink's staging
     buffer (K bools per element of up to two mask chunks): an estimate without it fails here, as the
     plans before bench/memory.md did (measured 1.16x the estimate at K = 32)."""
-    kw = dict(method=method, sparsify={"kind": "tadrop"}, memory_budget=budget, workers=1,
-              output_dtype="bfloat16")
-    big = _bf16_family(tmp_path / "big", K, shape)
-    tiny = _bf16_family(tmp_path / "tiny", K, (8, 8))
-    runtime = _worker_peak(write_config(tmp_path / "t.yaml", tiny, tmp_path / "run-t", **kw))
-    peak = _worker_peak(write_config(tmp_path / "b.yaml", big, tmp_path / "run-b", **kw))
-    summary = json.loads((tmp_path / "run-b" / ".tadrop" / "plan.json").read_text())["summary"]
-    assert (summary["chunked_tensors"] == 1) == chunked, summary
-    est = summary["max_est_bytes_per_worker"]
-    print(f"\n{method} K={K} budget {budget}: worker {(peak - runtime) / MiB:.0f} MiB over its runtime "
-          f"({runtime / MiB:.0f} MiB), plan estimate {est / MiB:.0f} MiB")
-    assert peak - runtime <= est, (peak, runtime, est)
+    case = {"method": method, "sparsify": {"kind": "tadrop"}}
+    runtime = bench_memory.run(bench_memory.make_family(tmp_path / "tiny", K, (8, 8)), case, budget,
+                               tmp_path / "run-t")["peak_anon"]
+    r = bench_memory.run(bench_memory.make_family(tmp_path / "big", K, shape), case, budget, tmp_path / "run-b")
+    assert r["chunked"] == chunked, r
+    print(f"\n{method} K={K} budget {budget}: worker {(r['peak_anon'] - runtime) / MiB:.0f} MiB over its "
+          f"runtime ({runtime / MiB:.0f} MiB), plan estimate {r['est'] / MiB:.0f} MiB")
+    assert r["peak_anon"] - runtime <= r["est"], (r, runtime)
