@@ -53,10 +53,10 @@ def mask_counts(mask: torch.Tensor | np.ndarray) -> tuple[list[int], list[int]]:
     faults than the counting)."""
     if isinstance(mask, torch.Tensor):
         if mask.device.type != "cpu":
-            flat = mask.reshape(mask.shape[0], -1)
-            kept = [int(torch.count_nonzero(flat[k])) for k in range(flat.shape[0])]
-            hist = torch.bincount(flat.to(torch.int32).sum(0), minlength=flat.shape[0] + 1)
-            return kept, [int(v) for v in hist.tolist()]
+            flat = mask.reshape(mask.shape[0], -1)   # no [K, n] temporary; one sync for each list
+            kept = flat.sum(1, dtype=torch.int64).tolist()
+            hist = torch.bincount(flat.sum(0, dtype=torch.int32), minlength=flat.shape[0] + 1)
+            return [int(v) for v in kept], [int(v) for v in hist.tolist()]
         mask = mask.numpy()
     k = mask.shape[0]
     flat = np.ascontiguousarray(mask).reshape(k, -1)

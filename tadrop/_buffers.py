@@ -74,7 +74,28 @@ def scratch_bytes() -> int:
 
 CACHE_BLOCK = 1 << 17       # elementwise passes over large tensors go in blocks this long (cache-resident)
 SUM_BLOCK = 1 << 12          # float64 sums: fixed blocks of the flat index
-_SUM_BATCH = 64              # blocks converted to float64 at a time
+_SUM_BATCH = 64              # blocks converted to float64 at a time (CPU: they stay in cache)
+_DEVICE_BATCH_ELEMENTS = 1 << 24   # off the CPU: float64 elements a batch converts (128 MiB), so a
+                                   # tensor takes a few kernel launches, not thousands
+
+
+def _on_cpu(device) -> bool:
+    return torch.device(device).type == "cpu"
+
+
+def sum_batch(device, rows: int = 1) -> int:
+    """Blocks of SUM_BLOCK converted at a time, per row of `rows`: cache-sized on the CPU; on a GPU
+    as many as 128 MiB of float64 holds (each batch costs ~15 kernel launches, whatever its size).
+    The bits do not depend on it: every block is summed on its own."""
+    if _on_cpu(device):
+        return max(1, _SUM_BATCH // max(rows, 1))
+    return max(1, _DEVICE_BATCH_ELEMENTS // (SUM_BLOCK * max(rows, 1)))
+
+
+def elementwise_step(device) -> int:
+    """Elements per pass of a blockwise float64 loop (`sum_tasks64`, `f64_inplace`): cache-sized
+    on the CPU, 2^24 elsewhere (a launch per block is what costs there)."""
+    return 1 << 16 if _on_cpu(device) else _DEVICE_BATCH_ELEMENTS
 
 
 def _block_sums(buf: torch.Tensor) -> torch.Tensor:
@@ -94,8 +115,8 @@ def _fsum_parts(parts: list, tail: torch.Tensor, fill: int) -> float:
     the partial block in `tail` (its first `fill` values)."""
     if parts and not isinstance(parts[0], torch.Tensor):
         flat = list(parts)                  # CPU: already floats, no per-element loop
-    else:
-        flat = [v for p in parts for v in p.reshape(-1).tolist()]
+    else:                                   # device tensors: one copy to the host, one sync
+        flat = torch.cat([p.reshape(-1) for p in parts]).tolist() if parts else []
     if fill:
         t = tail.clone().view(1, -1)
         t[0, fill:] = 0
@@ -158,7 +179,7 @@ class Sum64:
         if fast is not None:
             self._parts.extend(fast[0].tolist())
         elif nfull:
-            batch = min(nfull, _SUM_BATCH)
+            batch = min(nfull, sum_batch(self.device))
             buf = scratch("sum64.buf", batch * B, torch.float64, self.device)
             for j in range(0, nfull, batch):
                 nb = min(batch, nfull - j)
@@ -172,7 +193,7 @@ class Sum64:
             self._fill = n - i
 
     def _keep(self, sums: torch.Tensor) -> None:
-        if sums.device.type == "cpu":
+        if _on_cpu(sums.device):
             self._parts.extend(sums.tolist())
         else:
             self._parts.append(sums)
@@ -193,6 +214,7 @@ class Sum64Rows:
         self._tail = torch.zeros(K, SUM_BLOCK, dtype=torch.float64, device=self.device)
         self._fill = 0
         self._parts: list[list] = [[] for _ in range(K)]
+        self._pending: list[torch.Tensor] = []    # off the CPU: [K, nb] block sums not yet fetched
 
     def _prep(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
@@ -200,12 +222,18 @@ class Sum64Rows:
             dst.abs_()
 
     def _keep(self, sums: torch.Tensor) -> None:       # [K, nb] block sums
-        if sums.device.type == "cpu":
+        if _on_cpu(sums.device):
             for part, row in zip(self._parts, sums.tolist()):
                 part.extend(row)
         else:
-            for part, row in zip(self._parts, sums):
-                part.append(row)
+            self._pending.append(sums)               # fetched together (one sync) by `value`
+
+    def _fetch(self) -> None:
+        if self._pending:
+            rows = torch.cat(self._pending, dim=1).tolist()
+            self._pending = []
+            for part, row in zip(self._parts, rows):
+                part.extend(row)
 
     def add(self, x: torch.Tensor) -> None:
         """Feeds the next [K, m] piece (row k continues stream k)."""
@@ -226,7 +254,7 @@ class Sum64Rows:
             for part, row in zip(self._parts, fast.tolist()):
                 part.extend(row)
         elif nfull:
-            batch = max(1, min(nfull, _SUM_BATCH // max(K, 1)))
+            batch = min(nfull, sum_batch(self.device, K))
             buf = scratch("sum64r.buf", K * batch * B, torch.float64, self.device)
             for j in range(0, nfull, batch):
                 nb = min(batch, nfull - j)
@@ -249,10 +277,12 @@ class Sum64Rows:
         kernel: numpy float64 [K, nb]), at a block boundary."""
         if self._fill:
             raise ValueError("Sum64Rows.extend inside a partly filled block")
+        self._fetch()                                # keep the blocks in order
         for part, row in zip(self._parts, sums.tolist()):
             part.extend(row)
 
     def value(self, k: int) -> float:
+        self._fetch()
         return _fsum_parts(self._parts[k], self._tail[k], self._fill)
 
 
@@ -273,7 +303,7 @@ def sum_abs64(x: torch.Tensor) -> float:
 def sum_tasks64(taus: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out (float64 [m]) = sum over k of taus[k] (float32 [K, m]), added in task order."""
     K, m = taus.shape
-    step = 1 << 16
+    step = elementwise_step(taus.device)
     tmp = scratch("f64.tmp", min(step, m), torch.float64, taus.device)
     for i in range(0, m, step):
         j = min(m, i + step)
@@ -289,7 +319,7 @@ def sum_tasks64(taus: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 def f64_inplace(dst: torch.Tensor, src: torch.Tensor, op: str) -> torch.Tensor:
     """dst (float64) op= src (float32), converting src block by block: torch's
     mixed-dtype elementwise path is an order of magnitude slower than a cast + op."""
-    step = 1 << 16
+    step = elementwise_step(dst.device)
     tmp = scratch("f64.tmp", min(step, dst.numel()), torch.float64, dst.device)
     for i in range(0, dst.numel(), step):
         j = min(dst.numel(), i + step)
@@ -311,14 +341,21 @@ def sumsq64_pair(x: torch.Tensor, t: float | None) -> tuple[float, float]:
     x = x.reshape(-1)
     n, B = x.numel(), SUM_BLOCK
     lam = math.nextafter(float(t) * float(t), -math.inf) if t is not None else None
-    every: list[float] = []
-    kept: list[float] = []
+    every: list = []
+    kept: list = []
+    on_cpu = _on_cpu(x.device)
 
     def sums(blk: torch.Tensor) -> None:       # blk: float64 [nb, B] squares (consumed)
         if lam is not None:                    # zeroes v <= lam, i.e. v < t**2
             kb = scratch("sum64.kept", blk.numel(), torch.float64, blk.device).view_as(blk)
-            kept.extend(_block_sums(torch.ops.aten.hardshrink.out(blk, lam, out=kb)).tolist())
-        every.extend(_block_sums(blk).tolist())
+            keep(kept, _block_sums(torch.ops.aten.hardshrink.out(blk, lam, out=kb)))
+        keep(every, _block_sums(blk))
+
+    def keep(acc: list, block_sums: torch.Tensor) -> None:
+        if on_cpu:
+            acc.extend(block_sums.tolist())
+        else:
+            acc.append(block_sums)              # fetched once, below
 
     nfull = n // B
     fast = native.block_sums(x[:nfull * B].view(1, -1), nfull, B, "square", lam) if nfull else None
@@ -327,7 +364,7 @@ def sumsq64_pair(x: torch.Tensor, t: float | None) -> tuple[float, float]:
         if lam is not None:
             kept.extend(fast[1][0].tolist())
     elif nfull:
-        batch = min(nfull, _SUM_BATCH)
+        batch = min(nfull, sum_batch(x.device))
         buf = scratch("sum64.buf", batch * B, torch.float64, x.device)
         for j in range(0, nfull, batch):
             nb = min(batch, nfull - j)
@@ -338,4 +375,7 @@ def sumsq64_pair(x: torch.Tensor, t: float | None) -> tuple[float, float]:
         tail = torch.zeros(1, B, dtype=torch.float64, device=x.device)
         tail[0, : n % B].copy_(x[nfull * B:])
         sums(tail.mul_(tail))
+    if not on_cpu:                              # device tensors: one copy to the host each
+        every = torch.cat(every).tolist() if every else []
+        kept = torch.cat(kept).tolist() if kept else []
     return math.fsum(every), (math.fsum(kept) if lam is not None else 0.0)
