@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 import bench_merge as bm  # noqa: E402  (run_measured, drop-in process-tree sampling)
+from bench_kernels import cpu_model  # noqa: E402
 import make_demo_models as mdm  # noqa: E402
 from tadrop import native  # noqa: E402
 from tadrop import (Identity, MemorySink, MemorySource, MergeSpec, TADrop, TopK,  # noqa: E402
@@ -55,16 +56,6 @@ METHODS = {   # name -> (method, sparsifier)
     "consensus + tadrop": ("consensus", TADrop),
 }
 CPU_AT_K32 = ("ties (top-k 0.2)", "emr + tadrop", "tall_masks")   # the CPU is slow there: three are enough
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def gpu_info(dev: str) -> dict:

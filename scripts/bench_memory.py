@@ -97,6 +97,31 @@ def make_family(root: Path, k: int, shape: tuple[int, int]) -> dict:
     return fam
 
 
+def worker_peaks(proc: subprocess.Popen, timeout: float = 900) -> tuple[dict[int, int], int, str]:
+    """Waits for `proc` (stderr piped), sampling its spawned workers' anonymous memory every 10 ms:
+    (peak per worker pid, samples taken, stderr)."""
+    peaks: dict[int, int] = {}
+    n = [0]
+
+    def sample():
+        ws: list[int] = []
+        while proc.poll() is None:
+            if n[0] % 10 == 0:                 # the process tree is dearer to read than statm
+                ws = spawned_workers(proc.pid)
+            for p in ws:
+                a = anon_bytes(p)
+                if a is not None:
+                    peaks[p] = max(peaks.get(p, 0), a)
+            n[0] += 1
+            time.sleep(0.01)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    _, err = proc.communicate(timeout=timeout)
+    t.join()
+    return peaks, n[0], err
+
+
 def run(fam: dict, case: dict, budget: int, run_dir: Path) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = {"base": str(fam["base"]), "models": [{"name": n, "path": str(p)} for n, p in fam.items() if n != "base"],
@@ -107,29 +132,12 @@ def run(fam: dict, case: dict, budget: int, run_dir: Path) -> dict:
            "TADROP_INLINE_BYTES": "0"}   # a spawned worker, as in a real run
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "merge", str(path), "--quiet"], cwd=REPO,
                             env=env, stderr=subprocess.PIPE, text=True)
-    peak, n = [0], [0]
-
-    def sample():
-        ws: list[int] = []
-        while proc.poll() is None:
-            if n[0] % 10 == 0:
-                ws = spawned_workers(proc.pid)
-            for p in ws:
-                a = anon_bytes(p)
-                if a is not None:
-                    peak[0] = max(peak[0], a)
-            n[0] += 1
-            time.sleep(0.01)
-
-    t = threading.Thread(target=sample)
-    t.start()
-    _, err = proc.communicate(timeout=900)
-    t.join()
+    peaks, _, err = worker_peaks(proc)
     if proc.returncode != 0:
         raise SystemExit(f"merge failed ({case}): {err[-2000:]}")
     summary = json.loads((run_dir / ".tadrop" / "plan.json").read_text())["summary"]
     shutil.rmtree(run_dir, ignore_errors=True)
-    return {"peak_anon": peak[0], "est": summary["max_est_bytes_per_worker"],
+    return {"peak_anon": max(peaks.values(), default=0), "est": summary["max_est_bytes_per_worker"],
             "chunked": summary["chunked_tensors"] > 0}
 
 

@@ -14,8 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 
 import pytest
 import torch
@@ -65,33 +63,15 @@ def test_workers_stay_within_the_memory_budget(tmp_path, big_inputs):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "merge", str(cfg), "--quiet"], cwd=REPO,
                             env=env, stderr=subprocess.PIPE, text=True)
-    peaks: dict[int, int] = {}
-    samples = [0]
-
-    def sample():
-        workers: list[int] = []
-        while proc.poll() is None:
-            if samples[0] % 10 == 0:
-                workers = bench_memory.spawned_workers(proc.pid)
-            for p in workers:
-                a = bench_memory.anon_bytes(p)
-                if a is not None:
-                    peaks[p] = max(peaks.get(p, 0), a)
-            samples[0] += 1
-            time.sleep(0.01)
-
-    t = threading.Thread(target=sample)
-    t.start()
-    _, err = proc.communicate(timeout=900)
-    t.join()
+    peaks, samples, err = bench_memory.worker_peaks(proc)
     assert proc.returncode == 0, err
     plan = json.loads((tmp_path / "run" / ".tadrop" / "plan.json").read_text())["summary"]
     inputs = plan["input_bytes"]
     assert inputs >= 3 * BUDGET and plan["chunked_tensors"] >= 1, plan    # inputs much larger than it
-    assert peaks and samples[0] > 20, (peaks, samples)
+    assert peaks and samples > 20, (peaks, samples)
     worst = max(peaks.values())
     print(f"\nbudget {BUDGET / MiB:.0f} MiB, inputs {inputs / MiB:.0f} MiB, worker peak anonymous "
-          f"{[round(v / MiB) for v in peaks.values()]} MiB over {samples[0]} samples")
+          f"{[round(v / MiB) for v in peaks.values()]} MiB over {samples} samples")
     assert worst <= BUDGET + SLACK, (f"a worker reached {worst / MiB:.0f} MiB anonymous, over the "
                                      f"budget + {SLACK / MiB:.0f} MiB")
 
